@@ -1,0 +1,21 @@
+"""cowfs: a copy-on-write union filesystem in userspace, in the kernel overlayfs format.
+
+The public API: open a layer stack and read the merged tree without FUSE (`Union`), or mount it.
+"""
+
+from cowfs.layers import LayerStack, LayoutError, open_stack, parse_lowerdirs
+from cowfs.lookup import Directory, Entry
+from cowfs.union import Union
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Directory",
+    "Entry",
+    "LayerStack",
+    "LayoutError",
+    "Union",
+    "__version__",
+    "open_stack",
+    "parse_lowerdirs",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from cowfs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,55 @@
+"""Syscalls relative to a directory fd that `os` offers only by path.
+
+Python has no getxattr/listxattr relative to a directory fd, and fgetxattr refuses O_PATH fds.
+The kernel's /proc/self/fd magic links give the same guarantee: the walk starts at the inode the
+fd holds, and with follow_symlinks=False the last component, a single name, is not followed.
+"""
+
+import errno
+import os
+
+# Flags for a directory fd that only anchors *at() calls: no read permission needed, no atime.
+DIR_PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+NAME_MAX = 255
+
+
+def fd_path(fd: int, name: str | None = None) -> str:
+    """A path that reaches *fd* itself, or the single component *name* inside it."""
+    return f"/proc/self/fd/{fd}" if name is None else f"/proc/self/fd/{fd}/{name}"
+
+
+def check_name(name: str) -> None:
+    """Reject what cannot be one directory entry's name: a name is data, never a path."""
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise OSError(errno.EINVAL, f"invalid name {name!r}")
+    if len(os.fsencode(name)) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), name)
+
+
+def get_xattr(dir_fd: int, name: str | None, attribute: str) -> bytes | None:
+    """The value of *attribute* on (dir_fd, name), or None when it is not set or not supported."""
+    try:
+        return os.getxattr(fd_path(dir_fd, name), attribute, follow_symlinks=name is None)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+            return None
+        raise
+
+
+def list_xattrs(dir_fd: int, name: str | None) -> list[str]:
+    """The xattr names of (dir_fd, name); none where the filesystem or file type has none."""
+    try:
+        return os.listxattr(fd_path(dir_fd, name), follow_symlinks=name is None)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM):
+            return []
+        raise
+
+
+def exists(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True

@@ -1,0 +1,243 @@
+"""`cowfs mount / umount / demo`: argument parsing, the daemon's start, exit codes."""
+
+import argparse
+import logging
+import os
+import resource
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+
+import cowfs
+from cowfs.layers import (
+    LayerStack,
+    LayoutError,
+    check_mountpoint,
+    open_stack,
+    parse_lowerdirs,
+    read_mountinfo,
+)
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1     # a bug: the traceback is printed
+EXIT_USAGE = 2          # bad arguments, options or layer layout (as argparse)
+EXIT_MOUNT_FAILED = 32  # the kernel or the daemon could not make the mount (as mount(8))
+
+EXIT_CODES_HELP = f"""exit status:
+  {EXIT_OK}   success
+  {EXIT_UNEXPECTED}   unexpected failure (a bug; a traceback is printed)
+  {EXIT_USAGE}   bad arguments, options or layer layout
+  {EXIT_MOUNT_FAILED}  the mount could not be made or unmade
+"""
+
+# Options of `-o` that cowfs understands; value None means a flag.
+KNOWN_OPTIONS = {"nonempty": None, "ro": None, "fsname": "NAME"}
+# Accepted for compatibility and ignored: cowfs always mounts this way.
+ALWAYS_ON_OPTIONS = {"default_permissions", "allow_other", "rw", "dev", "suid", "exec"}
+
+
+class CliError(Exception):
+    """A failure the user can act on: printed as one line, with an exit code."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def parse_mount_options(values: Sequence[str]) -> dict[str, str | None]:
+    """`-o a,b=c` (repeatable) as a dict; unknown options are refused."""
+    options: dict[str, str | None] = {}
+    for value in values:
+        for item in value.split(","):
+            if not item:
+                continue
+            key, has_value, argument = item.partition("=")
+            if key in ALWAYS_ON_OPTIONS and not has_value:
+                continue
+            if key not in KNOWN_OPTIONS:
+                raise CliError(f"unknown mount option {item!r}")
+            if (KNOWN_OPTIONS[key] is None) == bool(has_value):
+                form = key if KNOWN_OPTIONS[key] is None else f"{key}={KNOWN_OPTIONS[key]}"
+                raise CliError(f"malformed mount option {item!r}: expected {form}")
+            options[key] = argument if has_value else None
+    return options
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(
+        prog="cowfs", description="A copy-on-write union filesystem in userspace.",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"cowfs {cowfs.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    mount = commands.add_parser(
+        "mount", help="mount a layer stack", epilog=EXIT_CODES_HELP,
+        usage="cowfs mount [OPTIONS] LOWER1[:LOWER2...] [UPPER] MERGED",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Mount LOWER layers (leftmost on top, \\: escapes a colon) under an optional "
+                    "writable UPPER at MERGED. Without UPPER the mount is read-only.")
+    mount.add_argument("layers", nargs="+", metavar="PATHS",
+                       help="the lower layers, then the upper layer if any, then the mount point")
+    mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                       help="comma-separated: nonempty, ro, fsname=NAME")
+    mount.add_argument("-f", "--foreground", action="store_true",
+                       help="serve in this process instead of a background daemon")
+    mount.add_argument("--debug", action="store_true", help="log every request")
+    mount.add_argument("--log-file", metavar="PATH",
+                       help="where a background daemon logs (default: nowhere)")
+
+    umount = commands.add_parser("umount", help="unmount a cowfs mount")
+    umount.add_argument("mountpoint", metavar="MERGED")
+    umount.add_argument("-l", "--lazy", action="store_true",
+                        help="detach now, finish when no longer busy")
+
+    demo = commands.add_parser("demo", help="mount the example image and show its layers")
+    demo.add_argument("image", nargs="?", metavar="IMAGE_DIR",
+                      help="a directory of layer directories (default: the repo's example)")
+    return parser, {"mount": mount, "umount": umount, "demo": demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, commands = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in commands:
+        # Options may stand anywhere, also after the layers (`mount L M -o ro`).
+        arguments = commands[argv[0]].parse_intermixed_args(argv[1:])
+        arguments.command = argv[0]
+    else:
+        arguments = parser.parse_args(argv)
+    try:
+        if arguments.command == "mount":
+            return command_mount(arguments)
+        if arguments.command == "umount":
+            return command_umount(arguments.mountpoint, lazy=arguments.lazy)
+        from cowfs import demo
+        return demo.run(arguments.image)
+    except CliError as exc:
+        print(f"cowfs: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except LayoutError as exc:
+        print(f"cowfs: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def command_mount(arguments: argparse.Namespace) -> int:
+    options = parse_mount_options(arguments.options)
+    paths = arguments.layers
+    if len(paths) not in (2, 3):
+        raise CliError("expected LOWER1[:LOWER2...] [UPPER] MERGED")
+    lowers = parse_lowerdirs(paths[0])
+    upper = paths[1] if len(paths) == 3 else None
+    mountpoint = paths[-1]
+    stack = open_stack(lowers, upper)
+    try:
+        mountpoint = check_mountpoint(stack, mountpoint,
+                                             nonempty="nonempty" in options)
+    except BaseException:
+        stack.close()
+        raise
+    configure_logging(debug=arguments.debug)
+    readonly = upper is None or "ro" in options
+    if upper is not None and not readonly:
+        log.warning("the write path is not built yet: %s is mounted read-only", mountpoint)
+        readonly = True
+    return start_daemon(stack, mountpoint, readonly=readonly,
+                        fsname=options.get("fsname") or "cowfs",
+                        foreground=arguments.foreground, log_file=arguments.log_file)
+
+
+def configure_logging(*, debug: bool) -> None:
+    """Log to stderr: a background daemon's stderr becomes its --log-file once mounted."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(name)s: %(message)s" if debug else "cowfs: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    if not debug:
+        logging.disable(logging.DEBUG)   # a debug call per request then costs next to nothing
+
+
+def start_daemon(stack: LayerStack, mountpoint: str, *, readonly: bool,
+                 fsname: str, foreground: bool, log_file: str | None) -> int:
+    """Mount; in the background, return only once the mount is live (or has failed)."""
+    if foreground:
+        _serve(stack, mountpoint, readonly=readonly, fsname=fsname)
+        return EXIT_OK
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the daemon
+        os.close(read_end)
+        os._exit(_daemon(stack, mountpoint, write_end, readonly=readonly, fsname=fsname,
+                         log_file=log_file))
+    os.close(write_end)
+    stack.close()
+    with os.fdopen(read_end, "rb") as pipe:
+        report = pipe.read()
+    if report == b"ready":
+        return EXIT_OK
+    os.waitpid(pid, 0)
+    reason = report.decode(errors="replace").strip() or "the daemon died before mounting"
+    raise CliError(f"cannot mount {mountpoint}: {reason}", EXIT_MOUNT_FAILED)
+
+
+def _daemon(stack: LayerStack, mountpoint: str, report_fd: int, *,
+            readonly: bool, fsname: str, log_file: str | None) -> int:
+    os.setsid()
+    with os.fdopen(report_fd, "wb", buffering=0) as report:
+        def mounted() -> None:
+            # podman waits for EOF on our stderr too: no fd of the caller's may stay open.
+            _detach_stdio(log_file)
+            report.write(b"ready")
+            report.close()
+        try:
+            _serve(stack, mountpoint, readonly=readonly, fsname=fsname, on_mounted=mounted)
+        except BaseException as exc:
+            if not report.closed:
+                report.write(str(exc).encode())
+                return EXIT_MOUNT_FAILED
+            log.exception("daemon failed")
+            return EXIT_UNEXPECTED
+    return EXIT_OK
+
+
+def _detach_stdio(log_file: str | None) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    target = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600) if log_file \
+        else null
+    os.dup2(null, 0)
+    os.dup2(target, 1)
+    os.dup2(target, 2)
+    for fd in {null, target}:
+        os.close(fd)
+
+
+def _serve(stack: LayerStack, mountpoint: str, *, readonly: bool,
+           fsname: str, on_mounted: Callable[[], None] | None = None) -> None:
+    from cowfs import mount, union
+    _raise_fd_limit()
+    os.umask(0)   # the kernel applies the caller's umask before asking us
+    operations = mount.Operations(union.Union(stack))
+    mount.run(operations, mountpoint, mount.fuse_options(readonly=readonly, fsname=fsname),
+              on_mounted or (lambda: None))
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def command_umount(mountpoint: str, *, lazy: bool = False) -> int:
+    resolved = os.path.realpath(mountpoint)
+    if not any(mount.mountpoint == resolved and mount.fstype == "fuse.cowfs"
+               for mount in read_mountinfo()):
+        raise CliError(f"{mountpoint} is not a cowfs mount")
+    command = ["fusermount3", "-u", *(["-z"] if lazy else []), resolved]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+        raise CliError(f"cannot unmount {mountpoint}: {reason}", EXIT_MOUNT_FAILED)
+    return EXIT_OK

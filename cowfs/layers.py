@@ -1,0 +1,201 @@
+"""The layer stack: parse the layer list, validate the layout, open each layer root once.
+
+Every later access goes through the root fds opened here, so a layer path that changes after the
+mount (a symlink re-pointed, a detached mount) does not change what cowfs serves.
+"""
+
+import dataclasses
+import logging
+import os
+
+from cowfs import _at
+
+log = logging.getLogger(__name__)
+
+
+class LayoutError(ValueError):
+    """A layer stack or mount point that cannot be mounted; the message names the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    path: str          # as resolved when opened, for messages and mountinfo
+    fd: int            # O_PATH fd on the layer root, held for the stack's lifetime
+    st_dev: int
+    st_ino: int
+    writable: bool
+
+
+@dataclasses.dataclass
+class LayerStack:
+    """Layers top first: the upper (if any), then the lowers as given (leftmost on top)."""
+
+    layers: list[Layer]
+    upper: Layer | None
+
+    @property
+    def lowers(self) -> list[Layer]:
+        return self.layers[1:] if self.upper else self.layers
+
+    @property
+    def top(self) -> Layer:
+        return self.layers[0]
+
+    def close(self) -> None:
+        for layer in self.layers:
+            os.close(layer.fd)
+        self.layers = []
+
+
+def split_escaped(spec: str, separator: str) -> list[str]:
+    r"""Split at *separator*; a backslash makes the next character literal (`\:` is a colon)."""
+    parts: list[str] = []
+    current: list[str] = []
+    characters = iter(spec)
+    for character in characters:
+        if character == "\\":
+            current.append(next(characters, "\\"))
+        elif character == separator:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(character)
+    parts.append("".join(current))
+    return parts
+
+
+def parse_lowerdirs(spec: str) -> list[str]:
+    """`a:b:c` as a list of lower layer paths, top first."""
+    lowers = split_escaped(spec, ":")
+    if any(not path for path in lowers):
+        raise LayoutError(f"empty layer path in lower layer list {spec!r}")
+    return lowers
+
+
+def open_stack(lowers: list[str], upper: str | None = None) -> LayerStack:
+    """Open and validate a stack; raises LayoutError naming the first problem found."""
+    if not lowers:
+        raise LayoutError("at least one lower layer is needed")
+    named = ([("upper layer", upper)] if upper is not None else []) + [
+        ("lower layer", path) for path in lowers
+    ]
+    layers: list[Layer] = []
+    try:
+        for role, path in named:
+            layers.append(_open_layer(role, path, writable=role == "upper layer"))
+        _check_disjoint([(role, layer.path) for (role, _), layer in zip(named, layers,
+                                                                         strict=True)])
+    except BaseException:
+        for layer in layers:
+            os.close(layer.fd)
+        raise
+    return LayerStack(layers=layers, upper=layers[0] if upper is not None else None)
+
+
+def _open_layer(role: str, path: str, *, writable: bool) -> Layer:
+    resolved = os.path.realpath(path)
+    try:
+        fd = os.open(resolved, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise LayoutError(f"{role} {path} does not exist") from None
+    except NotADirectoryError:
+        raise LayoutError(f"{role} {path} is not a directory") from None
+    except OSError as exc:
+        raise LayoutError(f"{role} {path} cannot be opened: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if writable and not os.access(_at.fd_path(fd), os.W_OK):
+        os.close(fd)
+        raise LayoutError(f"{role} {path} is not writable")
+    return Layer(path=resolved, fd=fd, st_dev=st.st_dev, st_ino=st.st_ino, writable=writable)
+
+
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _ancestry(path: str) -> list[tuple[int, int]]:
+    """(st_dev, st_ino) of *path* and each of its parents up to /, nearest first."""
+    chain = []
+    current = os.path.realpath(path)
+    while True:
+        chain.append(_identity(current))
+        parent = os.path.dirname(current)
+        if parent == current:
+            return chain
+        current = parent
+
+
+def _check_disjoint(named_paths: list[tuple[str, str]]) -> None:
+    """No path may be another, or lie inside another: a layer would then see itself."""
+    ancestries = [_ancestry(path) for _, path in named_paths]
+    for index, (role, path) in enumerate(named_paths):
+        for other_index, (other_role, other_path) in enumerate(named_paths):
+            if other_index == index:
+                continue
+            other = ancestries[other_index][0]
+            if ancestries[index][0] == other and other_index < index:
+                raise LayoutError(f"{role} {path} is given twice (also as {other_role} "
+                                  f"{other_path})")
+            if other in ancestries[index][1:]:
+                raise LayoutError(f"{role} {path} is inside {other_role} {other_path}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MountInfo:
+    device: str       # major:minor
+    mountpoint: str
+    fstype: str
+
+
+def read_mountinfo() -> list[MountInfo]:
+    """The mounts of this mount namespace (proc(5), /proc/self/mountinfo)."""
+    mounts = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            separator = fields.index("-")
+            mounts.append(MountInfo(device=fields[2], mountpoint=_unescape_mountinfo(fields[4]),
+                                    fstype=fields[separator + 1]))
+    return mounts
+
+
+def _unescape_mountinfo(field: str) -> str:
+    r"""mountinfo writes space, tab, newline and backslash as octal escapes (\040)."""
+    if "\\" not in field:
+        return field
+    raw = field.encode("utf-8", "surrogateescape")
+    out = bytearray()
+    index = 0
+    while index < len(raw):
+        if raw[index] == 0x5C and raw[index + 1:index + 4].isdigit() and index + 4 <= len(raw):
+            out.append(int(raw[index + 1:index + 4], 8))
+            index += 4
+        else:
+            out.append(raw[index])
+            index += 1
+    return out.decode("utf-8", "surrogateescape")
+
+
+def check_mountpoint(stack: LayerStack, mountpoint: str, *, nonempty: bool = False) -> str:
+    """Validate where the merged view goes; returns its resolved path."""
+    resolved = os.path.realpath(mountpoint)
+    if not os.path.exists(resolved):
+        raise LayoutError(f"mount point {mountpoint} does not exist")
+    if not os.path.isdir(resolved):
+        raise LayoutError(f"mount point {mountpoint} is not a directory")
+    if any(mount.mountpoint == resolved for mount in read_mountinfo()):
+        raise LayoutError(f"mount point {mountpoint} is busy: something is mounted there")
+    mount_ancestry = _ancestry(resolved)
+    for layer in stack.layers:
+        role = "upper layer" if layer.writable else "lower layer"
+        identity = (layer.st_dev, layer.st_ino)
+        if identity == mount_ancestry[0]:
+            raise LayoutError(f"mount point {mountpoint} is {role} {layer.path}")
+        if identity in mount_ancestry[1:]:
+            raise LayoutError(f"mount point {mountpoint} is inside {role} {layer.path}")
+        if mount_ancestry[0] in _ancestry(layer.path)[1:]:
+            raise LayoutError(f"{role} {layer.path} is inside mount point {mountpoint}")
+    if not nonempty and os.listdir(resolved):
+        raise LayoutError(f"mount point {mountpoint} is not empty (-o nonempty mounts over it)")
+    return resolved

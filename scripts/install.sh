@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Install what cowfs needs, only what is missing: system packages, then a virtualenv with cowfs.
+# Idempotent: a second run checks and does nothing. Needs root for the system packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf 'install: %s\n' "$*"; }
+
+packages=(fuse3 libfuse3-dev pkg-config gcc)
+python=${PYTHON:-python3}
+command -v "$python" >/dev/null || packages+=(python3)
+if ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then packages+=(python3-venv); fi
+if ! "$python" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(
+        os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null; then
+    packages+=(python3-dev)
+fi
+
+missing=()
+for package in "${packages[@]}"; do
+    status=$(dpkg-query -W -f='${Status}' "$package" 2>/dev/null || true)
+    [[ $status == "install ok installed" ]] || missing+=("$package")
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) != 0 ]]; then
+        say "missing system packages: ${missing[*]} (run as root to install them)" >&2
+        exit 1
+    fi
+    say "installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+[[ -e /dev/fuse ]] || modprobe fuse 2>/dev/null || say "warning: /dev/fuse is missing" >&2
+
+stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [[ ! -e $stamp ]]; then
+    [[ -x .venv/bin/python ]] || { say "creating .venv"; "$python" -m venv .venv; }
+    say "installing cowfs into .venv"
+    PIP_DISABLE_PIP_VERSION_CHECK=1 .venv/bin/pip install -q -e '.[test]' 2>&1 \
+        | grep -v "^WARNING: Location" || true
+    .venv/bin/python -c 'import cowfs, pyfuse3, trio' # fails loudly if the install did not work
+    rm -f .venv/.installed-*
+    touch "$stamp"
+fi

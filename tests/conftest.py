@@ -1,0 +1,167 @@
+"""Fixtures that mount for real: cowfs in a child process, the kernel's overlayfs as the oracle.
+
+Every mount made here is unmounted and every daemon reaped, also when the test fails.
+"""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cowfs.layers import read_mountinfo
+
+MOUNT_TIMEOUT_S = 20.0
+
+
+def _fuse_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "mount tests need root"
+    if not os.path.exists("/dev/fuse"):
+        return "mount tests need /dev/fuse"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip mount tests on a machine without FUSE or root; in CI that is a failure instead."""
+    reason = _fuse_unavailable()
+    if reason is None:
+        return
+    if os.environ.get("CI"):
+        raise pytest.UsageError(f"CI must run the mount tests, but {reason}")
+    for item in items:
+        if "mounts" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "mounts: the test mounts a filesystem (root, /dev/fuse)")
+
+
+def cowfs_command(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "cowfs", *arguments]
+
+
+def is_mounted(path: str | os.PathLike[str], fstype: str | None = None) -> bool:
+    resolved = os.path.realpath(path)
+    return any(mount.mountpoint == resolved and (fstype is None or mount.fstype == fstype)
+               for mount in read_mountinfo())
+
+
+def wait_until(condition, timeout_s: float = MOUNT_TIMEOUT_S, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    delay = 0.002
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def unmount_quietly(path: str | os.PathLike[str]) -> None:
+    """Unmount, lazily if busy; never raises (it runs in finally blocks)."""
+    for command in (["umount", str(path)], ["umount", "-l", str(path)]):
+        if not is_mounted(path):
+            return
+        subprocess.run(command, capture_output=True, check=False)
+
+
+def reap(process: subprocess.Popen) -> None:
+    """Wait for a daemon to end; SIGTERM, then SIGKILL, if it does not."""
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        if sig is not None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(sig)
+        try:
+            process.wait(timeout=5)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class CowfsMount:
+    """A running `cowfs mount -f` and its mount point."""
+
+    def __init__(self, process: subprocess.Popen, path: Path, log_path: Path) -> None:
+        self.process = process
+        self.path = path
+        self.log_path = log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def unmount(self) -> None:
+        """Unmount and reap the daemon; asserts the daemon ended cleanly."""
+        try:
+            unmount_quietly(self.path)
+        finally:
+            reap(self.process)
+        assert self.process.returncode == 0, self.log()
+
+
+@contextlib.contextmanager
+def mounted_cowfs(lowers: list[Path], merged: Path, upper: Path | None = None,
+                  extra: tuple[str, ...] = ()) -> Iterator[CowfsMount]:
+    """Mount with cowfs in a child process; always unmounted and reaped afterwards."""
+    lowerdir = ":".join(str(path).replace("\\", "\\\\").replace(":", "\\:") for path in lowers)
+    arguments = ["mount", "-f", *extra, lowerdir, *([str(upper)] if upper else []), str(merged)]
+    log_path = merged.parent / f".{merged.name}.cowfs.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(cowfs_command(*arguments), stdin=subprocess.DEVNULL,
+                                   stdout=log_file, stderr=subprocess.STDOUT)
+    mount = CowfsMount(process, merged, log_path)
+    try:
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"cowfs exited with {process.returncode}: {mount.log()}")
+            return is_mounted(merged, "fuse.cowfs")
+        wait_until(ready, what=f"cowfs at {merged}")
+        yield mount
+    finally:
+        unmount_quietly(merged)
+        reap(process)
+
+
+@contextlib.contextmanager
+def mounted_overlay(lowers: list[Path], merged: Path) -> Iterator[Path]:
+    """The kernel's read-only overlayfs over *lowers* (it needs two: an empty one is added)."""
+    layers = list(lowers)
+    if len(layers) < 2:
+        empty = merged.parent / f".{merged.name}.empty"
+        empty.mkdir(exist_ok=True)
+        layers.append(empty)
+    lowerdir = ":".join(str(path).replace("\\", "\\\\").replace(":", "\\:")
+                        .replace(",", "\\,") for path in layers)
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lowerdir}",
+                    str(merged)], check=True, capture_output=True)
+    try:
+        yield merged
+    finally:
+        unmount_quietly(merged)
+
+
+@pytest.fixture
+def layer_dirs(tmp_path: Path):
+    """A factory of fresh directories under tmp_path: layer_dirs('l1', 'l2')."""
+    def make(*names: str) -> list[Path]:
+        paths = [tmp_path / name for name in names]
+        for path in paths:
+            path.mkdir()
+        return paths
+    return make
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_mounts(tmp_path: Path) -> Iterator[None]:
+    """A test that leaves a mount under its tmp_path fails (and the mount is removed)."""
+    yield
+    leftovers = [mount.mountpoint for mount in read_mountinfo()
+                 if mount.mountpoint.startswith(str(tmp_path))]
+    for path in leftovers:
+        unmount_quietly(path)
+    assert not leftovers, f"test left mounts behind: {leftovers}"

@@ -1,0 +1,160 @@
+"""The merged tree through the library, without FUSE: lookup, listing, attributes, xattrs."""
+
+import errno
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cowfs import Directory, Union, open_stack
+
+
+def union_of(*lowers: Path, fd_budget: int = 4096) -> Union:
+    return Union(open_stack([str(path) for path in lowers]), fd_budget=fd_budget)
+
+
+def names(union: Union, path: str = "/") -> list[str]:
+    entry = union.resolve(path)
+    assert entry is not None
+    return sorted(union.list_names(entry))
+
+
+def test_top_layer_wins_and_directories_merge(layer_dirs) -> None:
+    top, bottom = layer_dirs("top", "bottom")
+    (top / "file").write_text("top")
+    (bottom / "file").write_text("bottom")
+    (top / "dir").mkdir()
+    (bottom / "dir").mkdir()
+    (top / "dir" / "a").write_text("a")
+    (bottom / "dir" / "b").write_text("b")
+    with union_of(top, bottom) as union:
+        file = union.resolve("file")
+        assert file is not None and union.layer_path(file) == str(top)
+        assert os.read(fd := union.open(file, os.O_RDONLY), 10) == b"top"
+        os.close(fd)
+        directory = union.resolve("dir")
+        assert isinstance(directory, Directory) and directory.layers == (0, 1)
+        assert names(union, "dir") == ["a", "b"]
+
+
+def test_whiteouts_of_every_dialect_hide_lower_names(layer_dirs) -> None:
+    top, bottom = layer_dirs("top", "bottom")
+    for name in ("device", "xattr", "oci", "kept"):
+        (bottom / name).write_text(name)
+    os.mknod(top / "device", stat.S_IFCHR, os.makedev(0, 0))
+    (top / "xattr").write_bytes(b"")
+    os.setxattr(top / "xattr", "trusted.overlay.whiteout", b"")
+    os.setxattr(top, "trusted.overlay.opaque", b"x")       # holds xattr whiteouts, not opaque
+    (top / ".wh.oci").write_bytes(b"")
+    with union_of(top, bottom) as union:
+        assert names(union) == ["kept"]
+        for name in ("device", "xattr", "oci", ".wh.oci"):
+            assert union.resolve(name) is None
+
+
+def test_opaque_directories_of_every_dialect_end_the_merge(layer_dirs) -> None:
+    top, bottom = layer_dirs("top", "bottom")
+    for name in ("kernel", "oci", "plain"):
+        (top / name).mkdir()
+        (top / name / "upper-file").write_text("")
+        (bottom / name).mkdir()
+        (bottom / name / "lower-file").write_text("")
+    os.setxattr(top / "kernel", "trusted.overlay.opaque", b"y")
+    (top / "oci" / ".wh..wh..opq").write_bytes(b"")
+    with union_of(top, bottom) as union:
+        assert names(union, "kernel") == ["upper-file"]
+        assert names(union, "oci") == ["upper-file"]
+        assert names(union, "plain") == ["lower-file", "upper-file"]
+
+
+def test_a_file_ends_the_merge_of_a_directory_above_it(layer_dirs) -> None:
+    top, middle, bottom = layer_dirs("top", "middle", "bottom")
+    (top / "name").mkdir()
+    (top / "name" / "a").write_text("")
+    (middle / "name").write_text("a file between")
+    (bottom / "name").mkdir()
+    (bottom / "name" / "b").write_text("")
+    with union_of(top, middle, bottom) as union:
+        entry = union.resolve("name")
+        assert isinstance(entry, Directory) and entry.layers == (0,)
+        assert names(union, "name") == ["a"]
+
+
+def test_symlinks_in_a_layer_are_never_followed(layer_dirs) -> None:
+    (lower,) = layer_dirs("lower")
+    (lower / "escape").symlink_to("/etc")
+    with union_of(lower) as union:
+        with pytest.raises(NotADirectoryError):
+            union.resolve("escape/passwd")
+        entry = union.resolve("escape")
+        assert entry is not None and stat.S_ISLNK(union.stat(entry).st_mode)
+        assert union.readlink(entry) == "/etc"
+        with pytest.raises(OSError) as caught:
+            union.open(entry, os.O_RDONLY)
+        assert caught.value.errno == errno.ELOOP
+
+
+def test_names_that_cannot_exist(layer_dirs) -> None:
+    (lower,) = layer_dirs("lower")
+    with union_of(lower) as union:
+        for bad, code in (("x" * 256, errno.ENAMETOOLONG), ("..", errno.EINVAL),
+                          ("a/b", errno.EINVAL)):
+            with pytest.raises(OSError) as caught:
+                union.lookup(union.root, bad)
+            assert caught.value.errno == code
+        assert union.lookup(union.root, "x" * 255) is None
+
+
+def test_writes_are_refused_on_a_read_only_stack(layer_dirs) -> None:
+    (lower,) = layer_dirs("lower")
+    (lower / "file").write_text("data")
+    with union_of(lower) as union:
+        entry = union.resolve("file")
+        assert entry is not None
+        for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
+            with pytest.raises(OSError) as caught:
+                union.open(entry, flags)
+            assert caught.value.errno == errno.EROFS
+
+
+def test_overlay_xattrs_are_private_and_user_xattrs_pass(layer_dirs) -> None:
+    (lower,) = layer_dirs("lower")
+    (lower / "file").write_text("")
+    os.setxattr(lower / "file", "user.color", b"blue")
+    os.setxattr(lower / "file", "trusted.overlay.origin", b"\x00")
+    os.setxattr(lower / "file", "trusted.overlay.overlay.mine", b"escaped")
+    with union_of(lower) as union:
+        entry = union.resolve("file")
+        assert entry is not None
+        assert sorted(union.list_xattrs(entry)) == ["trusted.overlay.mine", "user.color"]
+        assert union.get_xattr(entry, "user.color") == b"blue"
+        assert union.get_xattr(entry, "trusted.overlay.mine") == b"escaped"
+        with pytest.raises(OSError) as caught:
+            union.get_xattr(entry, "trusted.overlay.origin")
+        assert caught.value.errno == errno.ENODATA
+
+
+def test_deep_trees_work_with_few_directory_fds(layer_dirs) -> None:
+    """Directory fds are a cache: a budget of 4 still walks 50 levels in 2 layers."""
+    top, bottom = layer_dirs("top", "bottom")
+    path = "/".join(f"level{depth}" for depth in range(50))
+    (top / path).mkdir(parents=True)
+    (bottom / path).mkdir(parents=True)
+    (bottom / path / "leaf").write_text("deep")
+    with union_of(top, bottom, fd_budget=4) as union:
+        entry = union.resolve(path + "/leaf")
+        assert entry is not None
+        assert union.fds.open_count <= 4
+        fd = union.open(entry, os.O_RDONLY)
+        assert os.read(fd, 10) == b"deep"
+        os.close(fd)
+        assert names(union, path) == ["leaf"]
+
+
+def test_the_core_imports_neither_pyfuse3_nor_trio() -> None:
+    code = ("import sys, cowfs, cowfs.union, cowfs.lookup, cowfs.layers, cowfs.whiteout;"
+            "assert not {'pyfuse3', 'trio'} & set(sys.modules), sys.modules.keys()")
+    subprocess.run([sys.executable, "-c", code], check=True)
