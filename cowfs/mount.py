@@ -137,6 +137,7 @@ class Operations(pyfuse3.Operations):
         return self.attributes(node.id, entry)
 
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+        log.debug("forget(%r)", inode_list)
         for node_id, count in inode_list:
             self.nodes.forget(node_id, count)
 

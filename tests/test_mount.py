@@ -4,9 +4,11 @@ import contextlib
 import errno
 import mmap
 import os
+import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -240,3 +242,48 @@ def test_signals_unmount_cleanly(image, signum: int) -> None:
         reap(mount.process)
         assert mount.process.returncode == 0, mount.log()
         wait_until(lambda: not os.path.ismount(merged), what="unmount")
+
+
+def test_forgotten_nodes_come_back_the_same(image) -> None:
+    """After the kernel drops its caches and forgets nodes, lookups rebuild the same tree."""
+    top, bottom, merged = image
+    with mounted_cowfs([top, bottom], merged, extra=("--debug",)) as mount:
+        before = {str(path): os.lstat(path) for path in all_paths(merged)}
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+        after = {str(path): os.lstat(path) for path in all_paths(merged)}
+        assert (merged / "etc" / "passwd").read_text() == "root:x:0:0\n"
+        log = mount.log()
+    assert "cowfs.mount: forget(" in log
+    assert before.keys() == after.keys()
+    for path, st in before.items():
+        assert (st.st_ino, st.st_mode, st.st_size) == \
+            (after[path].st_ino, after[path].st_mode, after[path].st_size)
+
+
+@pytest.fixture
+def world_readable_dirs() -> Iterator[Path]:
+    """A scratch directory other users can walk into (pytest's tmp_path is root-only)."""
+    path = Path(tempfile.mkdtemp(prefix="cowfs-perm-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        unmount_quietly(path / "merged")
+        shutil.rmtree(path)
+
+
+def test_other_users_get_the_kernels_permission_checks(world_readable_dirs: Path) -> None:
+    lower, merged = world_readable_dirs / "lower", world_readable_dirs / "merged"
+    lower.mkdir(mode=0o755)
+    merged.mkdir()
+    (lower / "public").write_text("for everyone")
+    (lower / "public").chmod(0o644)
+    (lower / "private").write_text("root only")
+    (lower / "private").chmod(0o600)
+    with mounted_cowfs([lower], merged):
+        def cat_as_nobody(name: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["cat", str(merged / name)], user=65534, group=65534,
+                                  capture_output=True, text=True, check=False)
+        assert cat_as_nobody("public").stdout == "for everyone"
+        denied = cat_as_nobody("private")
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr
