@@ -1,4 +1,4 @@
-"""The command line: a background mount that returns when live, and one-line errors for bad input."""
+"""The command line: a mount that returns when live, one-line errors for bad input."""
 
 import os
 import subprocess
@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import cowfs_command, is_mounted, mounted_cowfs, unmount_quietly, wait_until
 
 import cowfs
-from conftest import cowfs_command, is_mounted, mounted_cowfs, unmount_quietly, wait_until
 from cowfs.layers import read_mountinfo
 
 pytestmark = pytest.mark.mounts

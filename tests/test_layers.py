@@ -81,7 +81,7 @@ def test_mountpoint_checks(tmp_path: Path, layer_dirs) -> None:
             check_mountpoint(stack, str(lower / "sub"))
         with pytest.raises(LayoutError, match="is lower layer"):
             check_mountpoint(stack, str(lower))
-        with pytest.raises(LayoutError, match="lower layer .* is inside mount point"):
+        with pytest.raises(LayoutError, match=r"lower layer .* is inside mount point"):
             check_mountpoint(stack, str(tmp_path))
         (merged / "file").write_text("")
         with pytest.raises(LayoutError, match="not empty"):

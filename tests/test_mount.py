@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import mounted_cowfs, reap, unmount_quietly, wait_until
 
 pytestmark = pytest.mark.mounts
@@ -166,8 +165,8 @@ def test_without_upper_every_write_is_refused(image) -> None:
     top, bottom, merged = image
     with mounted_cowfs([top, bottom], merged):
         attempts = [
-            lambda: open(merged / "data", "r+b"),
-            lambda: open(merged / "new", "w"),
+            lambda: os.open(merged / "data", os.O_RDWR),
+            lambda: os.open(merged / "new", os.O_WRONLY | os.O_CREAT),
             lambda: os.mkdir(merged / "dir"),
             lambda: os.unlink(merged / "data"),
             lambda: os.rename(merged / "data", merged / "moved"),
@@ -216,7 +215,8 @@ def test_large_directory_is_listed_whole_and_once(layer_dirs) -> None:
 
 
 def count_requests(log: str, handler: str, needle: str) -> int:
-    return sum(1 for line in log.splitlines() if f"cowfs.mount: {handler}(" in line and needle in line)
+    prefix = f"cowfs.mount: {handler}("
+    return sum(1 for line in log.splitlines() if prefix in line and needle in line)
 
 
 def test_debug_logs_requests_and_the_kernel_caches_misses_and_pages(image) -> None:

@@ -33,7 +33,8 @@ def test_top_layer_wins_and_directories_merge(layer_dirs) -> None:
     with union_of(top, bottom) as union:
         file = union.resolve("file")
         assert file is not None and union.layer_path(file) == str(top)
-        assert os.read(fd := union.open(file, os.O_RDONLY), 10) == b"top"
+        fd = union.open(file, os.O_RDONLY)
+        assert os.read(fd, 10) == b"top"
         os.close(fd)
         directory = union.resolve("dir")
         assert isinstance(directory, Directory) and directory.layers == (0, 1)
