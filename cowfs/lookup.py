@@ -131,17 +131,11 @@ class DirectoryFds:
 
 
 def make_root(stack: LayerStack) -> Directory:
-    """The merged root: every layer's root, down to the first opaque one."""
-    layers: list[int] = []
-    xwhiteouts: set[int] = set()
-    for index, layer in enumerate(stack.layers):
-        layers.append(index)
-        opacity = whiteout.directory_opacity(layer.fd)
-        if opacity is Opacity.XWHITEOUTS:
-            xwhiteouts.add(index)
-        if opacity is Opacity.OPAQUE:
-            break
-    return Directory(None, "", tuple(layers), os.fstat(stack.top.fd), frozenset(xwhiteouts))
+    """The merged root: every layer's root. As in the kernel, a layer root is never opaque."""
+    xwhiteouts = frozenset(index for index, layer in enumerate(stack.layers)
+                           if whiteout.directory_opacity(layer.fd) is Opacity.XWHITEOUTS)
+    return Directory(None, "", tuple(range(len(stack.layers))), os.fstat(stack.top.fd),
+                     xwhiteouts)
 
 
 def lookup(fds: DirectoryFds, parent: Directory, name: str) -> Entry | None:

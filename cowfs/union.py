@@ -16,7 +16,9 @@ log = logging.getLogger(__name__)
 
 _WRITE_ACCESS = os.O_WRONLY | os.O_RDWR
 # Flags a caller may pass to open() that must not reach a layer file.
-_DROPPED_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_NOCTTY
+# O_DIRECT: the kernel's page cache sits between the caller and us; our buffers are unaligned.
+_DROPPED_OPEN_FLAGS = (os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_NOCTTY
+                       | os.O_DIRECT)
 
 
 class Union:

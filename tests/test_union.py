@@ -159,3 +159,13 @@ def test_the_core_imports_neither_pyfuse3_nor_trio() -> None:
     code = ("import sys, cowfs, cowfs.union, cowfs.lookup, cowfs.layers, cowfs.whiteout;"
             "assert not {'pyfuse3', 'trio'} & set(sys.modules), sys.modules.keys()")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_layer_root_is_never_opaque(layer_dirs) -> None:
+    """As in the kernel: opaque markers on a layer's root do not hide the layers below."""
+    top, bottom = layer_dirs("top", "bottom")
+    os.setxattr(top, "trusted.overlay.opaque", b"y")
+    (top / ".wh..wh..opq").write_bytes(b"")
+    (bottom / "below").write_text("")
+    with union_of(top, bottom) as union:
+        assert names(union) == ["below"]
