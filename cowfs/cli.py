@@ -33,7 +33,7 @@ EXIT_CODES_HELP = f"""exit status:
 """
 
 # Options of `-o` that cowfs understands; value None means a flag.
-KNOWN_OPTIONS = {"nonempty": None, "ro": None, "fsname": "NAME"}
+KNOWN_OPTIONS = {"nonempty": None, "ro": None, "fsname": "NAME", "workdir": "DIR"}
 # Accepted for compatibility and ignored: cowfs always mounts this way.
 ALWAYS_ON_OPTIONS = {"default_permissions", "allow_other", "rw", "dev", "suid", "exec"}
 
@@ -81,7 +81,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     mount.add_argument("layers", nargs="+", metavar="PATHS",
                        help="the lower layers, then the upper layer if any, then the mount point")
     mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
-                       help="comma-separated: nonempty, ro, fsname=NAME")
+                       help="comma-separated: nonempty, ro, fsname=NAME, workdir=DIR")
+    mount.add_argument("--workdir", metavar="DIR",
+                       help="where changes are prepared, on the upper's filesystem "
+                            "(default: .UPPER.cowfs-work beside UPPER)")
     mount.add_argument("-f", "--foreground", action="store_true",
                        help="serve in this process instead of a background daemon")
     mount.add_argument("--debug", action="store_true", help="log every request")
@@ -131,7 +134,10 @@ def command_mount(arguments: argparse.Namespace) -> int:
     lowers = parse_lowerdirs(paths[0])
     upper = paths[1] if len(paths) == 3 else None
     mountpoint = paths[-1]
-    stack = open_stack(lowers, upper)
+    workdir = arguments.workdir or options.get("workdir")
+    if workdir is not None and upper is None:
+        raise CliError("a workdir needs an upper layer")
+    stack = open_stack(lowers, upper, workdir)
     try:
         mountpoint = check_mountpoint(stack, mountpoint,
                                              nonempty="nonempty" in options)
@@ -140,9 +146,6 @@ def command_mount(arguments: argparse.Namespace) -> int:
         raise
     configure_logging(debug=arguments.debug)
     readonly = upper is None or "ro" in options
-    if upper is not None and not readonly:
-        log.warning("the write path is not built yet: %s is mounted read-only", mountpoint)
-        readonly = True
     return start_daemon(stack, mountpoint, readonly=readonly,
                         fsname=options.get("fsname") or "cowfs",
                         foreground=arguments.foreground, log_file=arguments.log_file)

@@ -1,9 +1,8 @@
 """The FUSE inode table: node ids, lookup counts, forget.
 
 pyfuse3 uses one number as the FUSE node id and as the st_ino that stat shows, so node ids are
-derived from real inode numbers, never from a counter: the entry's topmost copy's inode, so hard
-links of one lower file are one node, and the same number comes back after a remount. Layers on
-several filesystems get the filesystem's index in the top bits (the kernel's `xino` idea).
+the union's inode numbers (`Union.inode_number`: derived from real inode numbers, kept across
+copy-up), never a counter: hard links of one file are one node, and a remount gives the same ids.
 """
 
 import errno
@@ -11,75 +10,52 @@ import logging
 import os
 from typing import NewType
 
-from cowfs.layers import LayerStack
 from cowfs.lookup import Directory, DirectoryFds, Entry
+from cowfs.union import ROOT_INO, Union
 
 log = logging.getLogger(__name__)
 
 NodeId = NewType("NodeId", int)   # FUSE node id, which is also st_ino
-ROOT_ID = NodeId(1)               # FUSE_ROOT_ID: the kernel's name for the mount's root
-_ID_BITS = 64
+ROOT_ID = NodeId(ROOT_INO)        # FUSE_ROOT_ID: the kernel's name for the mount's root
 
 
 class Node:
-    __slots__ = ("entry", "id", "lookups")
+    __slots__ = ("entry", "id", "lookups", "pinned_fd")
 
     def __init__(self, node_id: NodeId, entry: Entry) -> None:
         self.id = node_id
         self.entry = entry
         self.lookups = 0      # how many times the kernel was told of this node, less forgets
+        # An O_PATH fd on a removed entry's file: stat still answers while the kernel holds it.
+        self.pinned_fd: int | None = None
 
+    def pin(self, union: Union) -> None:
+        """Keep the entry's file reachable after its name goes (unlink, rename over it)."""
+        if self.pinned_fd is not None or isinstance(self.entry, Directory):
+            return
+        directory_fd, name = self.entry.location(union.fds)
+        self.pinned_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 dir_fd=directory_fd)
 
-class InodeNumbers:
-    """Maps (st_dev, st_ino) of a layer file to the number the merged view shows."""
-
-    def __init__(self, stack: LayerStack) -> None:
-        devices = list(dict.fromkeys(layer.st_dev for layer in stack.layers))
-        self._index = {device: index for index, device in enumerate(devices)}
-        # One spare index above the layers' filesystems numbers what does not fit.
-        self._bits = len(devices).bit_length()
-        self._spare_index = (1 << self._bits) - 1
-        self._shift = _ID_BITS - self._bits
-        self._remapped: dict[tuple[int, int], NodeId] = {}
-
-    def number(self, st: os.stat_result) -> NodeId:
-        index = self._index.get(st.st_dev)
-        if index is None and len(self._index) < self._spare_index:
-            # A filesystem mounted inside a layer: numbered from now on, not across remounts.
-            index = self._index[st.st_dev] = len(self._index)
-        if index is not None and st.st_ino >> self._shift == 0:
-            number = (index << self._shift) | st.st_ino
-            if number > ROOT_ID:
-                return NodeId(number)
-        return self._remap(st)
-
-    def _remap(self, st: os.stat_result) -> NodeId:
-        key = (st.st_dev, st.st_ino)
-        number = self._remapped.get(key)
-        if number is None:
-            if not self._remapped:
-                log.warning("inode numbers of device %d do not fit; those may change at remount",
-                            st.st_dev)
-            number = NodeId((self._spare_index << self._shift) | (len(self._remapped) + 2))
-            self._remapped[key] = number
-        return number
+    def unpin(self) -> None:
+        if self.pinned_fd is not None:
+            os.close(self.pinned_fd)
+            self.pinned_fd = None
 
 
 class InodeTable:
     """The nodes the kernel knows, by id; each lives until the kernel forgets it."""
 
-    def __init__(self, stack: LayerStack, fds: DirectoryFds, root: Directory) -> None:
-        self.numbers = InodeNumbers(stack)
+    def __init__(self, union: Union, fds: DirectoryFds) -> None:
+        self._union = union
         self._fds = fds
-        self._nodes: dict[NodeId, Node] = {ROOT_ID: Node(ROOT_ID, root)}
+        self._nodes: dict[NodeId, Node] = {ROOT_ID: Node(ROOT_ID, union.root)}
 
     def __len__(self) -> int:
         return len(self._nodes)
 
     def id_for(self, entry: Entry) -> NodeId:
-        if entry.parent is None:
-            return ROOT_ID
-        return self.numbers.number(entry.stat)
+        return NodeId(self._union.inode_number(entry))
 
     def get(self, node_id: int) -> Node:
         try:
@@ -87,15 +63,28 @@ class InodeTable:
         except KeyError:
             raise OSError(errno.ESTALE, f"unknown node {node_id}") from None
 
+    def find(self, entry: Entry) -> Node | None:
+        """The node of *entry*, if the kernel knows it."""
+        node = self._nodes.get(self.id_for(entry))
+        return node if node is not None and node.entry is entry else None
+
     def remember(self, entry: Entry, node_id: NodeId | None = None) -> Node:
-        """Count one lookup of *entry*; the newest entry of a node is where it is read from."""
+        """Count one lookup of *entry*.
+
+        A node keeps its entry while that stays in the tree (another name of a hard-linked
+        file is the same node); a removed entry gives way to the living one.
+        """
         if node_id is None:
             node_id = self.id_for(entry)
         node = self._nodes.get(node_id)
         if node is None:
             node = self._nodes[node_id] = Node(node_id, entry)
-        elif node.entry is not entry:
-            self._replace_entry(node, entry)
+        elif node.entry is not entry and (node.entry.removed or entry.is_directory):
+            old = node.entry
+            node.entry = entry
+            node.unpin()
+            if isinstance(old, Directory):
+                self._fds.discard(old)
         node.lookups += 1
         return node
 
@@ -106,11 +95,6 @@ class InodeTable:
         node.lookups -= count
         if node.lookups <= 0:
             del self._nodes[node.id]
+            node.unpin()
             if isinstance(node.entry, Directory):
                 self._fds.discard(node.entry)
-
-    def _replace_entry(self, node: Node, entry: Entry) -> None:
-        old = node.entry
-        node.entry = entry
-        if isinstance(old, Directory) and old is not entry:
-            self._fds.discard(old)

@@ -5,8 +5,10 @@ mount (a symlink re-pointed, a detached mount) does not change what cowfs serves
 """
 
 import dataclasses
+import fcntl
 import logging
 import os
+import shutil
 
 from cowfs import _at
 
@@ -26,12 +28,33 @@ class Layer:
     writable: bool
 
 
+# cowfs's own part of the workdir; the kernel's overlayfs uses work/ and index/ beside it.
+WORKDIR_SUBDIR = "cowfs"
+STAGING_DIR = "staging"   # half-made copy-ups, whiteouts and directories, renamed into place
+# The kernel's marker of an unclean volatile mount: its workdir must not be reused as it is.
+KERNEL_VOLATILE_MARKER = ("work", "incompat", "volatile")
+
+
+@dataclasses.dataclass
+class Workdir:
+    """Where changes are prepared before they appear in the upper, on the upper's filesystem."""
+
+    path: str
+    staging_fd: int          # O_PATH fd of WORKDIR/cowfs/staging
+    lock_fds: list[int]      # flock()ed: the workdir and the upper belong to this mount alone
+
+    def close(self) -> None:
+        for fd in (self.staging_fd, *self.lock_fds):
+            os.close(fd)
+
+
 @dataclasses.dataclass
 class LayerStack:
     """Layers top first: the upper (if any), then the lowers as given (leftmost on top)."""
 
     layers: list[Layer]
     upper: Layer | None
+    work: Workdir | None = None
 
     @property
     def lowers(self) -> list[Layer]:
@@ -45,6 +68,9 @@ class LayerStack:
         for layer in self.layers:
             os.close(layer.fd)
         self.layers = []
+        if self.work is not None:
+            self.work.close()
+            self.work = None
 
 
 def split_escaped(spec: str, separator: str) -> list[str]:
@@ -72,24 +98,94 @@ def parse_lowerdirs(spec: str) -> list[str]:
     return lowers
 
 
-def open_stack(lowers: list[str], upper: str | None = None) -> LayerStack:
-    """Open and validate a stack; raises LayoutError naming the first problem found."""
+def default_workdir(upper: str) -> str:
+    """A hidden sibling of the upper: on its filesystem, and outside every layer."""
+    parent, name = os.path.split(os.path.realpath(upper))
+    return os.path.join(parent, f".{name}.cowfs-work")
+
+
+def open_stack(lowers: list[str], upper: str | None = None,
+               workdir: str | None = None) -> LayerStack:
+    """Open and validate a stack; raises LayoutError naming the first problem found.
+
+    With an upper, the workdir (created when missing) is locked for this stack alone and its
+    staging area swept of what an earlier mount left half-made.
+    """
     if not lowers:
         raise LayoutError("at least one lower layer is needed")
+    if workdir is not None and upper is None:
+        raise LayoutError("a workdir needs an upper layer")
     named = ([("upper layer", upper)] if upper is not None else []) + [
         ("lower layer", path) for path in lowers
     ]
-    layers: list[Layer] = []
+    stack = LayerStack(layers=[], upper=None)
     try:
         for role, path in named:
-            layers.append(_open_layer(role, path, writable=role == "upper layer"))
-        _check_disjoint([(role, layer.path) for (role, _), layer in zip(named, layers,
-                                                                         strict=True)])
+            stack.layers.append(_open_layer(role, path, writable=role == "upper layer"))
+        paths = [(role, layer.path) for (role, _), layer in zip(named, stack.layers,
+                                                                 strict=True)]
+        if upper is not None:
+            stack.upper = stack.layers[0]
+            workdir = workdir or default_workdir(upper)
+            _make_workdir(workdir, created_by_default=workdir == default_workdir(upper))
+            paths.append(("workdir", workdir))
+        _check_disjoint(paths)
+        if stack.upper is not None and workdir is not None:
+            stack.work = _open_workdir(workdir, stack.upper)
     except BaseException:
-        for layer in layers:
-            os.close(layer.fd)
+        stack.close()
         raise
-    return LayerStack(layers=layers, upper=layers[0] if upper is not None else None)
+    return stack
+
+
+def _make_workdir(workdir: str, *, created_by_default: bool) -> None:
+    if os.path.isdir(workdir):
+        return
+    if not created_by_default and not os.path.isdir(os.path.dirname(os.path.abspath(workdir))):
+        raise LayoutError(f"workdir {workdir} cannot be created: its parent does not exist")
+    try:
+        os.mkdir(workdir, 0o700)
+    except FileExistsError:
+        raise LayoutError(f"workdir {workdir} is not a directory") from None
+    except OSError as exc:
+        raise LayoutError(f"workdir {workdir} cannot be created: {exc.strerror}") from None
+
+
+def _lock(path: str, role: str) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LayoutError(f"{role} {path} is in use by another mount") from None
+    return fd
+
+
+def _open_workdir(workdir: str, upper: Layer) -> Workdir:
+    """Lock the workdir and the upper, and give the staging area a clean start."""
+    resolved = os.path.realpath(workdir)
+    if os.stat(resolved).st_dev != upper.st_dev:
+        raise LayoutError(f"workdir {workdir} is not on the same filesystem as upper layer "
+                          f"{upper.path}")
+    if os.path.lexists(os.path.join(resolved, *KERNEL_VOLATILE_MARKER)):
+        raise LayoutError(f"workdir {workdir} holds an unclean volatile overlay session: "
+                          f"delete {os.path.join(workdir, *KERNEL_VOLATILE_MARKER)} to discard it")
+    lock_fds = [_lock(resolved, "workdir")]
+    try:
+        lock_fds.append(_lock(upper.path, "upper layer"))
+        own = os.path.join(resolved, WORKDIR_SUBDIR)
+        os.makedirs(own, mode=0o700, exist_ok=True)
+        staging = os.path.join(own, STAGING_DIR)
+        if os.path.lexists(staging):
+            log.info("sweeping what an earlier mount left in %s", staging)
+            shutil.rmtree(staging)
+        os.mkdir(staging, 0o700)
+        staging_fd = os.open(staging, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except BaseException:
+        for fd in lock_fds:
+            os.close(fd)
+        raise
+    return Workdir(path=resolved, staging_fd=staging_fd, lock_fds=lock_fds)
 
 
 def _open_layer(role: str, path: str, *, writable: bool) -> Layer:
@@ -103,7 +199,7 @@ def _open_layer(role: str, path: str, *, writable: bool) -> Layer:
     except OSError as exc:
         raise LayoutError(f"{role} {path} cannot be opened: {exc.strerror}") from None
     st = os.fstat(fd)
-    if writable and not os.access(_at.fd_path(fd), os.W_OK):
+    if writable and not os.access(_at.fd_path(fd), os.W_OK, effective_ids=True):
         os.close(fd)
         raise LayoutError(f"{role} {path} is not writable")
     return Layer(path=resolved, fd=fd, st_dev=st.st_dev, st_ino=st.st_ino, writable=writable)

@@ -29,7 +29,8 @@ DEFAULT_FD_BUDGET = 4096
 class Entry:
     """A visible name in the merged tree and where its topmost copy lives."""
 
-    __slots__ = ("layer", "name", "parent", "stat")
+    __slots__ = ("__weakref__", "has_lower", "layer", "name", "origin_ino", "parent", "removed",
+                 "stat")
 
     def __init__(self, parent: "Directory | None", name: str, layer: int,
                  st: os.stat_result) -> None:
@@ -37,6 +38,12 @@ class Entry:
         self.name = name
         self.layer = layer       # index into LayerStack.layers of the topmost copy
         self.stat = st           # that copy's lstat, as found
+        # A lower layer shows this name (the topmost copy is there, or below an upper copy):
+        # deleting it then needs a whiteout.
+        self.has_lower = True
+        # The inode number the merged view showed before copy-up, recorded in the upper copy.
+        self.origin_ino: int | None = None
+        self.removed = False     # unlinked or replaced: only open handles still reach it
 
     @property
     def is_directory(self) -> bool:
@@ -99,6 +106,17 @@ class DirectoryFds:
             self._close(oldest)
         return fds
 
+    def add_layer_on_top(self, directory: Directory, layer: int, fd: int) -> None:
+        """*directory* gained a copy in *layer* (copy-up), open as *fd*, which this takes."""
+        directory.layers = (layer, *directory.layers)
+        directory.layer = layer
+        if directory.fds is None:
+            os.close(fd)             # reopened with the others when next needed
+            return
+        directory.fds[layer] = fd
+        self.open_count += 1
+        self._recent.move_to_end(directory)
+
     def discard(self, directory: Directory) -> None:
         if directory.fds is not None:
             del self._recent[directory]
@@ -138,9 +156,33 @@ def make_root(stack: LayerStack) -> Directory:
                      xwhiteouts)
 
 
-def lookup(fds: DirectoryFds, parent: Directory, name: str) -> Entry | None:
+def _find(fds: DirectoryFds, parent: Directory, layer: int, name: str) -> os.stat_result | None:
+    """The lstat of *name* in one layer of *parent*; None when absent.
+
+    Raises _Hidden when the layer hides the name from the layers below it.
+    """
+    parent_fd = fds.fd(parent, layer)
+    try:
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        if whiteout.is_oci_whiteout_present(parent_fd, name):
+            raise _Hidden from None
+        return None
+    if whiteout.is_whiteout(parent_fd, name, st, xwhiteouts=layer in parent.xwhiteout_layers):
+        raise _Hidden
+    return st
+
+
+class _Hidden(Exception):
+    """A whiteout: the name ends here, in this layer."""
+
+
+def lookup(fds: DirectoryFds, parent: Directory, name: str, *,
+           upper: int | None = None) -> Entry | None:
     """Resolve *name* in *parent*, top layer first; None when no layer shows it.
 
+    *upper* is the index of the writable layer, if any: for a copy found there, the layers below
+    are probed too, to know whether deleting it needs a whiteout.
     Raises OSError for a name that cannot exist (ENAMETOOLONG, EINVAL) or a layer that fails.
     """
     _at.check_name(name)
@@ -149,25 +191,29 @@ def lookup(fds: DirectoryFds, parent: Directory, name: str) -> Entry | None:
     top_stat: os.stat_result | None = None
     merged: dict[int, int] = {}             # layer -> fd of the directory copies found so far
     xwhiteouts: set[int] = set()
+    remaining = list(parent.layers)
     try:
-        for layer in parent.layers:
-            parent_fd = fds.fd(parent, layer)
+        while remaining:
+            layer = remaining.pop(0)
             try:
-                st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                if whiteout.is_oci_whiteout_present(parent_fd, name):
-                    break
-                continue
-            if whiteout.is_whiteout(parent_fd, name, st,
-                                    xwhiteouts=layer in parent.xwhiteout_layers):
+                st = _find(fds, parent, layer, name)
+            except _Hidden:
+                remaining = []
                 break
+            if st is None:
+                continue
             if not stat.S_ISDIR(st.st_mode):
                 if top_stat is None:
-                    return Entry(parent, name, layer, st)
+                    entry = Entry(parent, name, layer, st)
+                    if layer == upper:
+                        entry.has_lower = _shown_below(fds, parent, name, remaining)
+                        entry.origin_ino = whiteout.read_origin_ino(fds.fd(parent, layer), name)
+                    return entry
+                remaining.insert(0, layer)
                 break                      # a non-directory below a directory ends the merge
             if top_stat is None:
                 top_stat = st
-            merged[layer] = fd = os.open(name, _at.DIR_PATH_FLAGS, dir_fd=parent_fd)
+            merged[layer] = fd = os.open(name, _at.DIR_PATH_FLAGS, dir_fd=fds.fd(parent, layer))
             opacity = whiteout.directory_opacity(fd)
             if opacity is Opacity.XWHITEOUTS:
                 xwhiteouts.add(layer)
@@ -181,7 +227,21 @@ def lookup(fds: DirectoryFds, parent: Directory, name: str) -> Entry | None:
         return None
     directory = Directory(parent, name, tuple(merged), top_stat, frozenset(xwhiteouts))
     fds.adopt(directory, merged)
+    if directory.layer == upper:
+        directory.has_lower = len(merged) > 1 or _shown_below(fds, parent, name, remaining)
+        directory.origin_ino = whiteout.read_origin_ino(merged[upper], None)
     return directory
+
+
+def _shown_below(fds: DirectoryFds, parent: Directory, name: str, layers: list[int]) -> bool:
+    """Whether the first of *layers* that has *name* shows it rather than hiding it."""
+    for layer in layers:
+        try:
+            if _find(fds, parent, layer, name) is not None:
+                return True
+        except _Hidden:
+            return False
+    return False
 
 
 def read_merged_names(fds: DirectoryFds, directory: Directory) -> list[str]:

@@ -19,7 +19,7 @@ import trio
 from cowfs.inodes import InodeTable, Node, NodeId
 from cowfs.layers import read_mountinfo
 from cowfs.lookup import Directory, Entry
-from cowfs.union import Union
+from cowfs.union import Caller, Union
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ def replies_errno(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R
         except pyfuse3.FUSEError:
             raise
         except OSError as exc:
+            log.debug("%s: %s", handler.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception:
             log.exception("%s%r failed", handler.__name__, args[1:])
@@ -78,6 +79,26 @@ class DirectoryHandle:
         self.names = [".", "..", *names]
 
 
+class FileHandle:
+    """An open file: an fd on the copy that was topmost when it was opened.
+
+    A reader that opened a lower copy follows the entry when it is copied up, so all openers
+    of one file see one file (the kernel keeps one page cache for the node).
+    """
+
+    __slots__ = ("entry", "fd", "flags", "layer")
+
+    def __init__(self, entry: Entry, fd: int, flags: int) -> None:
+        self.entry = entry
+        self.fd = fd
+        self.flags = flags
+        self.layer = entry.layer
+
+
+def _caller(ctx: pyfuse3.RequestContext) -> Caller:
+    return Caller(ctx.uid, ctx.gid)
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -86,8 +107,9 @@ class Operations(pyfuse3.Operations):
     def __init__(self, union: Union) -> None:
         super().__init__()
         self.union = union
-        self.nodes = InodeTable(union.stack, union.fds, union.root)
+        self.nodes = InodeTable(union, union.fds)
         self._directory_handles: dict[int, DirectoryHandle] = {}
+        self._file_handles: dict[int, FileHandle] = {}
         self._next_handle = 1
 
     # -- attributes -------------------------------------------------------------------------
@@ -116,13 +138,38 @@ class Operations(pyfuse3.Operations):
         attributes.st_ctime_ns = st.st_ctime_ns
         return attributes
 
+    def _reply_entry(self, entry: Entry) -> pyfuse3.EntryAttributes:
+        """Count a lookup of *entry* and describe it, as every entry-creating reply does."""
+        node = self.nodes.remember(entry)
+        return self.attributes(node.id, node.entry, self.union.stat(entry))
+
+    def _node_stat(self, node: Node) -> os.stat_result:
+        entry = node.entry
+        if entry.removed and node.pinned_fd is not None:
+            return os.stat(node.pinned_fd)
+        return self.union.stat(entry)
+
     def _directory_node(self, node_id: int) -> Node:
         node = self.nodes.get(node_id)
         if not isinstance(node.entry, Directory):
             raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         return node
 
-    # -- requests ---------------------------------------------------------------------------
+    def _new_handle(self) -> int:
+        handle_id = self._next_handle
+        self._next_handle += 1
+        return handle_id
+
+    def _pin_before_removal(self, parent: Entry, name: str) -> None:
+        """A name about to go: the kernel may still stat its node (open files, hard links)."""
+        entry = self.union.lookup(parent, name)
+        if entry is None:
+            return
+        node = self.nodes.find(entry)
+        if node is not None:
+            node.pin(self.union)
+
+    # -- reading ----------------------------------------------------------------------------
 
     @replies_errno
     async def lookup(self, parent_inode: pyfuse3.InodeT, name: bytes,
@@ -134,7 +181,7 @@ class Operations(pyfuse3.Operations):
             negative.entry_timeout = ENTRY_TIMEOUT_S
             return negative
         node = self.nodes.remember(entry)
-        return self.attributes(node.id, entry)
+        return self.attributes(node.id, node.entry, entry.stat)
 
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         log.debug("forget(%r)", inode_list)
@@ -145,7 +192,7 @@ class Operations(pyfuse3.Operations):
     async def getattr(self, inode: pyfuse3.InodeT,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.nodes.get(inode)
-        return self.attributes(node.id, node.entry, self.union.stat(node.entry))
+        return self.attributes(node.id, node.entry, self._node_stat(node))
 
     @replies_errno
     async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
@@ -154,25 +201,35 @@ class Operations(pyfuse3.Operations):
     @replies_errno
     async def open(self, inode: pyfuse3.InodeT, flags: int,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        fd = self.union.open(self.nodes.get(inode).entry, flags)
-        # The layer file cannot change while mounted: the kernel may keep its cached pages.
-        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fd), keep_cache=True)
+        entry = self.nodes.get(inode).entry
+        fd = self.union.open(entry, flags)
+        handle_id = self._new_handle()
+        self._file_handles[handle_id] = FileHandle(entry, fd, flags)
+        # Only cowfs changes the file, through this same kernel inode: its cache stays right.
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle_id), keep_cache=True)
+
+    def _readable_fd(self, handle: FileHandle) -> int:
+        if handle.layer != handle.entry.layer and not handle.entry.removed:
+            # Copied up since this reader opened it: read the copy everyone else writes.
+            fd = self.union.open(handle.entry, handle.flags)
+            os.close(handle.fd)
+            handle.fd, handle.layer = fd, handle.entry.layer
+        return handle.fd
 
     @replies_errno
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
-        return os.pread(fh, size, off)
+        return os.pread(self._readable_fd(self._file_handles[fh]), size, off)
 
     @replies_errno
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
-        os.close(fh)
+        os.close(self._file_handles.pop(fh).fd)
 
     @replies_errno
     async def opendir(self, inode: pyfuse3.InodeT,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
         node = self._directory_node(inode)
         handle = DirectoryHandle(node, self.union.read_merged_names(node.entry))
-        handle_id = self._next_handle
-        self._next_handle += 1
+        handle_id = self._new_handle()
         self._directory_handles[handle_id] = handle
         return pyfuse3.FileHandleT(handle_id)
 
@@ -191,7 +248,7 @@ class Operations(pyfuse3.Operations):
             else:
                 entry = self.union.lookup(directory, name)
                 if entry is None:
-                    continue          # hidden by a whiteout
+                    continue          # hidden by a whiteout, or removed since opendir
                 node_id = self.nodes.id_for(entry)
                 attributes = self.attributes(node_id, entry)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attributes, position + 1):
@@ -247,6 +304,132 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> bool:
         # default_permissions: the kernel checks permissions itself and does not ask.
         return True
+
+    # -- writing ----------------------------------------------------------------------------
+
+    @replies_errno
+    async def create(self, parent_inode: pyfuse3.InodeT, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent = self._directory_node(parent_inode)
+        entry, fd = self.union.create(parent.entry, os.fsdecode(name), mode, flags,
+                                      _caller(ctx))
+        handle_id = self._new_handle()
+        self._file_handles[handle_id] = FileHandle(entry, fd, flags)
+        return (pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle_id), keep_cache=True),
+                self._reply_entry(entry))
+
+    @replies_errno
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
+        return os.pwrite(self._file_handles[fh].fd, buf, off)
+
+    @replies_errno
+    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
+        pass    # data goes straight to the upper file: nothing is buffered here
+
+    @replies_errno
+    async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        fd = self._file_handles[fh].fd
+        if datasync:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
+
+    @replies_errno
+    async def fsyncdir(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        directory = self._directory_handles[fh].node.entry
+        if self.union.writable and directory.layer == 0:
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                         dir_fd=self.union.fds.fd(directory, 0))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    @replies_errno
+    async def setattr(self, inode: pyfuse3.InodeT, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: pyfuse3.FileHandleT | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.nodes.get(inode)
+        handle = self._file_handles.get(fh) if fh is not None else None
+        st = self.union.setattr(
+            node.entry,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            fd=handle.fd if handle is not None and handle.layer == node.entry.layer else None)
+        return self.attributes(node.id, node.entry, st)
+
+    @replies_errno
+    async def mknod(self, parent_inode: pyfuse3.InodeT, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._directory_node(parent_inode)
+        return self._reply_entry(self.union.mknod(parent.entry, os.fsdecode(name), mode, rdev,
+                                                  _caller(ctx)))
+
+    @replies_errno
+    async def mkdir(self, parent_inode: pyfuse3.InodeT, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._directory_node(parent_inode)
+        return self._reply_entry(self.union.mkdir(parent.entry, os.fsdecode(name), mode,
+                                                  _caller(ctx)))
+
+    @replies_errno
+    async def symlink(self, parent_inode: pyfuse3.InodeT, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._directory_node(parent_inode)
+        return self._reply_entry(self.union.symlink(parent.entry, os.fsdecode(name),
+                                                    os.fsdecode(target), _caller(ctx)))
+
+    @replies_errno
+    async def link(self, inode: pyfuse3.InodeT, new_parent_inode: pyfuse3.InodeT,
+                   new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.nodes.get(inode)
+        parent = self._directory_node(new_parent_inode)
+        entry = self.union.link(node.entry, parent.entry, os.fsdecode(new_name))
+        return self._reply_entry(entry)
+
+    @replies_errno
+    async def unlink(self, parent_inode: pyfuse3.InodeT, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> None:
+        parent = self._directory_node(parent_inode)
+        self._pin_before_removal(parent.entry, os.fsdecode(name))
+        self.union.unlink(parent.entry, os.fsdecode(name))
+
+    @replies_errno
+    async def rmdir(self, parent_inode: pyfuse3.InodeT, name: bytes,
+                    ctx: pyfuse3.RequestContext) -> None:
+        parent = self._directory_node(parent_inode)
+        self.union.rmdir(parent.entry, os.fsdecode(name))
+
+    @replies_errno
+    async def rename(self, parent_inode_old: pyfuse3.InodeT, name_old: bytes,
+                     parent_inode_new: pyfuse3.InodeT, name_new: bytes, flags: int,
+                     ctx: pyfuse3.RequestContext) -> None:
+        old_parent = self._directory_node(parent_inode_old)
+        new_parent = self._directory_node(parent_inode_new)
+        if not flags & pyfuse3.RENAME_EXCHANGE:
+            self._pin_before_removal(new_parent.entry, os.fsdecode(name_new))
+        self.union.rename(old_parent.entry, os.fsdecode(name_old), new_parent.entry,
+                          os.fsdecode(name_new), flags)
+
+    @replies_errno
+    async def setxattr(self, inode: pyfuse3.InodeT, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        self.union.set_xattr(self.nodes.get(inode).entry, os.fsdecode(name), value)
+
+    @replies_errno
+    async def removexattr(self, inode: pyfuse3.InodeT, name: bytes,
+                          ctx: pyfuse3.RequestContext) -> None:
+        try:
+            self.union.remove_xattr(self.nodes.get(inode).entry, os.fsdecode(name))
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
 
 
 def fuse_options(*, readonly: bool, fsname: str = "cowfs") -> set[str]:

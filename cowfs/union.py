@@ -1,24 +1,92 @@
 """The merged tree as a plain synchronous API: what cowfs serves, without FUSE.
 
-Another runtime can open a stack and read the union through this class; mount.py is a thin
-FUSE face over it. Every method raises OSError with the errno a filesystem would return.
+Another runtime can open a stack and use the union through this class; mount.py is a thin FUSE
+face over it. Every method raises OSError with the errno a filesystem would return.
+
+Entries are canonical: while anyone holds the Entry of a name, looking the name up again gives
+the same object, and every change made here updates it (copy-up moves it to the upper, rename
+moves it to its new name). So the FUSE inode table, open handles and child entries never see a
+stale copy of the same name.
 """
 
+import dataclasses
 import errno
 import logging
 import os
+import stat
+import weakref
+from collections.abc import Callable
 
-from cowfs import _at, lookup, whiteout
+from cowfs import _at, _libc, lookup, whiteout
+from cowfs.copyup import UPPER, CopyUp, Staging
 from cowfs.layers import LayerStack
 from cowfs.lookup import Directory, DirectoryFds, Entry
 
 log = logging.getLogger(__name__)
 
+ROOT_INO = 1                       # the merged root's inode number (FUSE's root node id)
 _WRITE_ACCESS = os.O_WRONLY | os.O_RDWR
-# Flags a caller may pass to open() that must not reach a layer file.
-# O_DIRECT: the kernel's page cache sits between the caller and us; our buffers are unaligned.
-_DROPPED_OPEN_FLAGS = (os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_NOCTTY
-                       | os.O_DIRECT)
+# Flags a caller may pass to open() that must not reach a layer file: creation is done here,
+# O_APPEND would make the kernel's positioned writes append, the page cache is not aligned.
+_DROPPED_OPEN_FLAGS = (os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY | os.O_DIRECT)
+_SPECIAL_MODE_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Who asks: new entries are owned by the caller, as on any filesystem."""
+
+    uid: int
+    gid: int
+
+
+ROOT = Caller(0, 0)
+
+
+def _error(code: int, name: str | None = None) -> OSError:
+    return OSError(code, os.strerror(code), name)
+
+
+class InodeNumbers:
+    """Maps (st_dev, st_ino) of a layer file to the number the merged view shows.
+
+    The topmost copy's own inode number, so hard links of one lower file are one inode and the
+    same number comes back after a remount. Layers on several filesystems get the filesystem's
+    index in the top bits (the kernel's `xino` idea).
+    """
+
+    _BITS = 64
+
+    def __init__(self, stack: LayerStack) -> None:
+        devices = list(dict.fromkeys(layer.st_dev for layer in stack.layers))
+        self._index = {device: index for index, device in enumerate(devices)}
+        # One spare index above the layers' filesystems numbers what does not fit.
+        bits = len(devices).bit_length()
+        self._spare_index = (1 << bits) - 1
+        self._shift = self._BITS - bits
+        self._remapped: dict[tuple[int, int], int] = {}
+
+    def number(self, st: os.stat_result) -> int:
+        index = self._index.get(st.st_dev)
+        if index is None and len(self._index) < self._spare_index:
+            # A filesystem mounted inside a layer: numbered from now on, not across remounts.
+            index = self._index[st.st_dev] = len(self._index)
+        if index is not None and st.st_ino >> self._shift == 0:
+            number = (index << self._shift) | st.st_ino
+            if number > ROOT_INO:
+                return number
+        return self._remap(st)
+
+    def _remap(self, st: os.stat_result) -> int:
+        key = (st.st_dev, st.st_ino)
+        number = self._remapped.get(key)
+        if number is None:
+            if not self._remapped:
+                log.warning("inode numbers of device %d do not fit; those may change at remount",
+                            st.st_dev)
+            number = (self._spare_index << self._shift) | (len(self._remapped) + 2)
+            self._remapped[key] = number
+        return number
 
 
 class Union:
@@ -28,6 +96,15 @@ class Union:
         self.stack = stack
         self.fds = DirectoryFds(stack, fd_budget)
         self.root = lookup.make_root(stack)
+        self.numbers = InodeNumbers(stack)
+        self.upper: int | None = UPPER if stack.upper is not None else None
+        self._entries: weakref.WeakValueDictionary[tuple[Directory, str], Entry] = \
+            weakref.WeakValueDictionary()
+        self._copy_up: CopyUp | None = None
+        if stack.upper is not None:
+            assert stack.work is not None, "an upper layer comes with a workdir"
+            self.staging = Staging(stack.work.staging_fd)
+            self._copy_up = CopyUp(self.fds, self.staging, self.inode_number)
 
     def close(self) -> None:
         self.fds.close_all()
@@ -39,11 +116,26 @@ class Union:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    @property
+    def writable(self) -> bool:
+        return self._copy_up is not None
+
     # -- names ------------------------------------------------------------------------------
 
     def lookup(self, parent: Entry, name: str) -> Entry | None:
         """The entry *name* in *parent*, or None when the merged view has no such name."""
-        return lookup.lookup(self.fds, self._directory(parent), name)
+        directory = self._directory(parent)
+        entry = self._entries.get((directory, name))
+        if entry is not None:
+            try:
+                entry.stat = self.stat(entry)
+                return entry
+            except FileNotFoundError:        # changed behind cowfs's back: look again
+                del self._entries[(directory, name)]
+        entry = lookup.lookup(self.fds, directory, name, upper=self.upper)
+        if entry is not None:
+            self._entries[(directory, name)] = entry
+        return entry
 
     def resolve(self, path: str) -> Entry | None:
         """The entry at a /-separated path from the root (a convenience for library users)."""
@@ -67,24 +159,32 @@ class Union:
         """The root path of the layer that supplies *entry*."""
         return self.stack.layers[entry.layer].path
 
+    def inode_number(self, entry: Entry) -> int:
+        """The st_ino the merged view shows: stable across copy-up and remount."""
+        if entry.parent is None:
+            return ROOT_INO
+        if entry.origin_ino is not None:
+            return entry.origin_ino
+        return self.numbers.number(entry.stat)
+
     # -- attributes and data ----------------------------------------------------------------
 
     def stat(self, entry: Entry) -> os.stat_result:
         return lookup.stat_entry(self.fds, entry)
 
     def open(self, entry: Entry, flags: int) -> int:
-        """An fd on the entry's file for reading; writing needs the write path (EROFS)."""
-        if flags & _WRITE_ACCESS or flags & os.O_TRUNC:
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), entry.name)
+        """An fd on the entry's file; opening for writing copies the file up first."""
         if entry.is_directory:
-            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), entry.name)
+            raise _error(errno.EISDIR, entry.name)
+        if flags & _WRITE_ACCESS or flags & os.O_TRUNC:
+            self._writer().copy_up(entry)
         directory_fd, name = entry.location(self.fds)
         flags = (flags & ~_DROPPED_OPEN_FLAGS) | os.O_NOFOLLOW | os.O_CLOEXEC
         return os.open(name, flags, dir_fd=directory_fd)
 
     def readlink(self, entry: Entry) -> str:
         if entry.is_directory:
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), entry.name)
+            raise _error(errno.EINVAL, entry.name)
         directory_fd, name = entry.location(self.fds)
         return os.readlink(name, dir_fd=directory_fd)
 
@@ -105,14 +205,385 @@ class Union:
         """The top layer's filesystem: where new data would go."""
         return os.statvfs(_at.fd_path(self.stack.top.fd))
 
+    # -- changes ----------------------------------------------------------------------------
+
+    def set_xattr(self, entry: Entry, attribute: str, value: bytes, flags: int = 0) -> None:
+        self._writer().copy_up(entry)
+        directory_fd, name = self._xattr_target(entry)
+        os.setxattr(_at.fd_path(directory_fd, name), whiteout.stored_xattr_name(attribute),
+                    value, flags, follow_symlinks=name is None)
+
+    def remove_xattr(self, entry: Entry, attribute: str) -> None:
+        self._writer().copy_up(entry)
+        directory_fd, name = self._xattr_target(entry)
+        os.removexattr(_at.fd_path(directory_fd, name), whiteout.stored_xattr_name(attribute),
+                       follow_symlinks=name is None)
+
+    def setattr(self, entry: Entry, *, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
+                mtime_ns: int | None = None, fd: int | None = None) -> os.stat_result:
+        """chmod, chown, truncate and utimes in one call, on the entry's upper copy."""
+        self._writer().copy_up(entry)
+        directory_fd, name = self._xattr_target(entry)
+        path = _at.fd_path(directory_fd, name)
+        follow = name is None
+        if uid is not None or gid is not None:
+            os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid,
+                     follow_symlinks=follow)
+        if mode is not None:
+            if stat.S_ISLNK(entry.stat.st_mode):
+                raise _error(errno.EOPNOTSUPP, entry.name)
+            os.chmod(path, stat.S_IMODE(mode))
+        if size is not None:
+            self._truncate(entry, size, fd)
+        if atime_ns is not None or mtime_ns is not None:
+            current = self.stat(entry)
+            os.utime(path, ns=(current.st_atime_ns if atime_ns is None else atime_ns,
+                               current.st_mtime_ns if mtime_ns is None else mtime_ns),
+                     follow_symlinks=follow)
+        entry.stat = self.stat(entry)
+        return entry.stat
+
+    def _truncate(self, entry: Entry, size: int, fd: int | None) -> None:
+        if fd is not None:
+            os.ftruncate(fd, size)
+            return
+        if entry.is_directory:
+            raise _error(errno.EISDIR, entry.name)
+        directory_fd, name = entry.location(self.fds)
+        target = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory_fd)
+        try:
+            os.ftruncate(target, size)
+        finally:
+            os.close(target)
+
+    def create(self, parent: Entry, name: str, mode: int, flags: int,
+               caller: Caller = ROOT) -> tuple[Entry, int]:
+        """A new regular file, open with *flags*; EEXIST if the name is taken."""
+        opened: list[int] = []
+
+        def make(directory_fd: int, staged_name: str) -> None:
+            open_flags = ((flags & ~_DROPPED_OPEN_FLAGS & ~os.O_TRUNC) | os.O_CREAT | os.O_EXCL
+                          | os.O_NOFOLLOW | os.O_CLOEXEC)
+            opened.append(os.open(staged_name, open_flags, stat.S_IMODE(mode),
+                                  dir_fd=directory_fd))
+
+        try:
+            entry = self._create_entry(parent, name, mode, caller, make)
+        except BaseException:
+            for fd in opened:
+                os.close(fd)
+            raise
+        return entry, opened[0]
+
+    def mkdir(self, parent: Entry, name: str, mode: int, caller: Caller = ROOT) -> Entry:
+        def make(directory_fd: int, staged_name: str) -> None:
+            os.mkdir(staged_name, stat.S_IMODE(mode), dir_fd=directory_fd)
+        return self._create_entry(parent, name, mode | stat.S_IFDIR, caller, make)
+
+    def mknod(self, parent: Entry, name: str, mode: int, rdev: int = 0,
+              caller: Caller = ROOT) -> Entry:
+        def make(directory_fd: int, staged_name: str) -> None:
+            os.mknod(staged_name, mode, rdev, dir_fd=directory_fd)
+        return self._create_entry(parent, name, mode, caller, make)
+
+    def symlink(self, parent: Entry, name: str, target: str, caller: Caller = ROOT) -> Entry:
+        def make(directory_fd: int, staged_name: str) -> None:
+            os.symlink(target, staged_name, dir_fd=directory_fd)
+        return self._create_entry(parent, name, stat.S_IFLNK | 0o777, caller, make)
+
+    def link(self, entry: Entry, new_parent: Entry, new_name: str) -> Entry:
+        """Another name for a non-directory; a lower file is copied up once and linked."""
+        if entry.is_directory:
+            raise _error(errno.EPERM, entry.name)
+        directory = self._directory(new_parent)
+        if self.lookup(directory, new_name) is not None:
+            raise _error(errno.EEXIST, new_name)
+        writer = self._writer()
+        writer.copy_up(entry)
+        source_fd, source_name = entry.location(self.fds)
+
+        def make(directory_fd: int, staged_name: str) -> None:
+            os.link(source_name, staged_name, src_dir_fd=source_fd, dst_dir_fd=directory_fd,
+                    follow_symlinks=False)
+
+        self._place(directory, new_name, make, is_directory=False)
+        entry.stat = self.stat(entry)
+        return self._relookup(directory, new_name)
+
+    def unlink(self, parent: Entry, name: str) -> Entry:
+        """Remove a non-directory name; a whiteout hides it if a lower layer has it."""
+        directory = self._directory(parent)
+        entry = self._existing(directory, name)
+        if entry.is_directory:
+            raise _error(errno.EISDIR, name)
+        self._remove(directory, entry)
+        return entry
+
+    def rmdir(self, parent: Entry, name: str) -> Entry:
+        """Remove a directory that is empty in the merged view."""
+        directory = self._directory(parent)
+        entry = self._existing(directory, name)
+        if not isinstance(entry, Directory):
+            raise _error(errno.ENOTDIR, name)
+        if self.list_names(entry):
+            raise _error(errno.ENOTEMPTY, name)
+        self._remove(directory, entry)
+        self.fds.discard(entry)
+        return entry
+
+    def rename(self, parent: Entry, name: str, new_parent: Entry, new_name: str,
+               flags: int = 0) -> Entry | None:
+        """rename(2) with RENAME_NOREPLACE and RENAME_EXCHANGE; returns a replaced entry."""
+        directory, new_directory = self._directory(parent), self._directory(new_parent)
+        source = self._existing(directory, name)
+        _at.check_name(new_name)
+        target = self.lookup(new_directory, new_name)
+        if flags & _libc.RENAME_EXCHANGE:
+            if target is None:
+                raise _error(errno.ENOENT, new_name)
+            self._exchange(source, target)
+            return None
+        if target is not None and flags & _libc.RENAME_NOREPLACE:
+            raise _error(errno.EEXIST, new_name)
+        if target is source or (target is not None and not source.is_directory
+                                and self.inode_number(target) == self.inode_number(source)):
+            return None                   # two names of one file: nothing to do (POSIX)
+        self._check_rename(source, target)
+        writer = self._writer()
+        writer.copy_up(source)
+        source_parent_fd = writer.upper_directory(directory)
+        target_parent_fd = writer.upper_directory(new_directory)
+        covers_lower = target.has_lower if target is not None else \
+            self._upper_holds_whiteout(target_parent_fd, new_name)
+        if isinstance(source, Directory) and covers_lower:
+            whiteout.set_opaque(self.fds.fd(source, UPPER), None)
+        if (isinstance(target, Directory) and target.layer == UPPER) or \
+                (isinstance(source, Directory) and target is None and covers_lower):
+            self._rename_over_directory(source, source_parent_fd, target_parent_fd, new_name)
+        else:
+            _libc.renameat2(source_parent_fd, name, target_parent_fd, new_name,
+                            _libc.RENAME_WHITEOUT if source.has_lower else 0)
+        if target is not None:
+            self._forget(new_directory, target)
+        self._move(source, new_directory, new_name, has_lower=covers_lower)
+        log.debug("rename(%r, %r)", name, new_name)
+        return target
+
     # -- helpers ----------------------------------------------------------------------------
+
+    def _writer(self) -> CopyUp:
+        if self._copy_up is None:
+            raise _error(errno.EROFS)
+        return self._copy_up
 
     def _directory(self, entry: Entry) -> Directory:
         if not isinstance(entry, Directory):
-            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), entry.name)
+            raise _error(errno.ENOTDIR, entry.name)
+        return entry
+
+    def _existing(self, directory: Directory, name: str) -> Entry:
+        entry = self.lookup(directory, name)
+        if entry is None:
+            raise _error(errno.ENOENT, name)
         return entry
 
     def _xattr_target(self, entry: Entry) -> tuple[int, str | None]:
         if isinstance(entry, Directory):
             return self.fds.fd(entry, entry.layer), None
         return entry.location(self.fds)
+
+    def _relookup(self, directory: Directory, name: str) -> Entry:
+        self._entries.pop((directory, name), None)
+        entry = self.lookup(directory, name)
+        assert entry is not None, f"{name!r} vanished right after it was made"
+        return entry
+
+    def _forget(self, directory: Directory, entry: Entry) -> None:
+        if self._entries.get((directory, entry.name)) is entry:
+            del self._entries[(directory, entry.name)]
+        entry.removed = True
+
+    def _move(self, entry: Entry, directory: Directory, name: str, *, has_lower: bool) -> None:
+        assert entry.parent is not None
+        if self._entries.get((entry.parent, entry.name)) is entry:
+            del self._entries[(entry.parent, entry.name)]
+        entry.parent, entry.name, entry.has_lower = directory, name, has_lower
+        self._entries[(directory, name)] = entry
+
+    def _upper_holds_whiteout(self, directory_fd: int, name: str) -> bool:
+        try:
+            st = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return whiteout.is_device_whiteout(st)
+
+    def _new_owner(self, directory_fd: int, mode: int, caller: Caller) -> tuple[int, int]:
+        """The gid and mode of a new entry: a setgid directory passes its group on."""
+        parent = os.stat(directory_fd)
+        if parent.st_mode & stat.S_ISGID:
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+            return parent.st_gid, mode
+        return caller.gid, mode
+
+    def _create_entry(self, parent: Entry, name: str, mode: int, caller: Caller,
+                      make: Callable[[int, str], None]) -> Entry:
+        directory = self._directory(parent)
+        if self.lookup(directory, name) is not None:
+            raise _error(errno.EEXIST, name)
+        directory_fd = self._writer().upper_directory(directory)
+        gid, mode = self._new_owner(directory_fd, mode, caller)
+
+        def make_owned(target_fd: int, target_name: str) -> None:
+            make(target_fd, target_name)
+            try:
+                os.chown(target_name, caller.uid, gid, dir_fd=target_fd, follow_symlinks=False)
+                if mode & _SPECIAL_MODE_BITS and not stat.S_ISLNK(mode):
+                    os.chmod(target_name, stat.S_IMODE(mode), dir_fd=target_fd)
+            except BaseException:
+                _remove_quietly(target_fd, target_name)
+                raise
+
+        self._place(directory, name, make_owned, is_directory=stat.S_ISDIR(mode))
+        return self._relookup(directory, name)
+
+    def _place(self, directory: Directory, name: str, make: Callable[[int, str], None], *,
+               is_directory: bool) -> None:
+        """Make a new entry at *name* in the upper copy of *directory*.
+
+        Where a whiteout stands, or a new directory must be opaque (the kernel makes every
+        directory created in a merged parent opaque), the entry is made in staging and renamed
+        into place, so it appears whole or not at all.
+        """
+        writer = self._writer()
+        directory_fd = writer.upper_directory(directory)
+        over_whiteout = self._upper_holds_whiteout(directory_fd, name)
+        opaque = is_directory and (over_whiteout or directory.is_merged)
+        if not over_whiteout and not opaque:
+            make(directory_fd, name)
+            return
+        staged = self.staging.new_name()
+        try:
+            make(self.staging.fd, staged)
+            if opaque:
+                whiteout.set_opaque(self.staging.fd, staged)
+            if over_whiteout and is_directory:
+                _libc.renameat2(self.staging.fd, staged, directory_fd, name,
+                                _libc.RENAME_EXCHANGE)
+            else:
+                _libc.renameat2(self.staging.fd, staged, directory_fd, name,
+                                0 if over_whiteout else _libc.RENAME_NOREPLACE)
+                return
+        except BaseException:
+            self.staging.remove(staged)
+            raise
+        self.staging.remove(staged)        # the whiteout the directory replaced
+
+    def _remove(self, directory: Directory, entry: Entry) -> None:
+        """Take *entry*'s name out of the merged view, with a whiteout if a lower layer has it."""
+        directory_fd = self._writer().upper_directory(directory)
+        name = entry.name
+        if entry.layer != UPPER:
+            self._place_whiteout(directory_fd, name, replace=False)
+        elif entry.has_lower:
+            self._place_whiteout(directory_fd, name, replace=True,
+                                 exchange=entry.is_directory)
+        elif entry.is_directory:
+            self._remove_upper_directory(directory_fd, name)
+        else:
+            os.unlink(name, dir_fd=directory_fd)
+        self._forget(directory, entry)
+        log.debug("removed %r (whiteout: %s)", name, entry.has_lower)
+
+    def _place_whiteout(self, directory_fd: int, name: str, *, replace: bool,
+                        exchange: bool = False) -> None:
+        """A whiteout at *name*, made in staging and renamed over what stands there."""
+        staged = self.staging.new_name()
+        try:
+            whiteout.make_whiteout(self.staging.fd, staged)
+            flags = (_libc.RENAME_EXCHANGE if exchange else 0) if replace \
+                else _libc.RENAME_NOREPLACE
+            _libc.renameat2(self.staging.fd, staged, directory_fd, name, flags)
+        except BaseException:
+            self.staging.remove(staged)
+            raise
+        if exchange:
+            self.staging.remove(staged)     # the directory the whiteout replaced
+
+    def _remove_upper_directory(self, directory_fd: int, name: str) -> None:
+        """rmdir, also when the directory still holds whiteouts of names long gone."""
+        try:
+            os.rmdir(name, dir_fd=directory_fd)
+        except OSError as exc:
+            if exc.errno != errno.ENOTEMPTY:
+                raise
+            staged = self.staging.new_name()
+            _libc.renameat2(directory_fd, name, self.staging.fd, staged, _libc.RENAME_NOREPLACE)
+            self.staging.remove(staged)
+
+    def _check_rename(self, source: Entry, target: Entry | None) -> None:
+        if isinstance(source, Directory):
+            if target is not None and not target.is_directory:
+                raise _error(errno.ENOTDIR, target.name)
+            if target is not None and self.list_names(target):
+                raise _error(errno.ENOTEMPTY, target.name)
+            if source.has_lower:
+                # A directory with lower copies moves by redirect (not built yet): EXDEV makes
+                # mv(1) copy it instead, as the kernel's overlayfs without redirect_dir.
+                raise _error(errno.EXDEV, source.name)
+        elif target is not None and target.is_directory:
+            raise _error(errno.EISDIR, target.name)
+
+    def _rename_over_directory(self, source: Entry, source_parent_fd: int,
+                               target_parent_fd: int, new_name: str) -> None:
+        """Move a directory onto an upper directory or whiteout in one step, then clear the old.
+
+        rename(2) cannot replace a directory that still holds whiteouts, nor a whiteout with a
+        directory: exchange the two, then remove what landed at the source name (or leave a
+        whiteout there if a lower layer has that name).
+        """
+        _libc.renameat2(source_parent_fd, source.name, target_parent_fd, new_name,
+                        _libc.RENAME_EXCHANGE)
+        if source.has_lower:
+            self._place_whiteout(source_parent_fd, source.name, replace=True,
+                                 exchange=True)
+            return
+        staged = self.staging.new_name()
+        _libc.renameat2(source_parent_fd, source.name, self.staging.fd, staged)
+        self.staging.remove(staged)
+
+    def _exchange(self, source: Entry, target: Entry) -> None:
+        """RENAME_EXCHANGE: both names stay, each showing the other's entry."""
+        for entry in (source, target):
+            if isinstance(entry, Directory) and entry.has_lower:
+                raise _error(errno.EXDEV, entry.name)
+        writer = self._writer()
+        writer.copy_up(source)
+        writer.copy_up(target)
+        assert source.parent is not None and target.parent is not None
+        source_parent, target_parent = source.parent, target.parent
+        source_name, target_name = source.name, target.name
+        source_fd = writer.upper_directory(source_parent)
+        target_fd = writer.upper_directory(target_parent)
+        for moving, destination in ((source, target), (target, source)):
+            if isinstance(moving, Directory) and destination.has_lower:
+                whiteout.set_opaque(self.fds.fd(moving, UPPER), None)
+        _libc.renameat2(source_fd, source_name, target_fd, target_name, _libc.RENAME_EXCHANGE)
+        source_lower, target_lower = source.has_lower, target.has_lower
+        self._forget(source_parent, source)
+        self._forget(target_parent, target)
+        source.removed = target.removed = False
+        self._move(source, target_parent, target_name, has_lower=target_lower)
+        self._move(target, source_parent, source_name, has_lower=source_lower)
+
+
+def _remove_quietly(directory_fd: int, name: str) -> None:
+    try:
+        st = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            os.rmdir(name, dir_fd=directory_fd)
+        else:
+            os.unlink(name, dir_fd=directory_fd)
+    except OSError as exc:
+        log.warning("cannot remove half-made %r: %s", name, exc)

@@ -114,3 +114,36 @@ def stored_xattr_name(attribute: str) -> str:
         if attribute.startswith(prefix):
             return prefix + "overlay." + attribute[len(prefix):]
     return attribute
+
+
+# cowfs's own bookkeeping, private like the kernel's (every `*.overlay.*` xattr is hidden).
+ORIGIN_INO = "cowfs.ino"
+
+
+def own_xattr_prefix() -> str:
+    """Where cowfs writes overlay xattrs: `trusted.` as root, as the kernel does; `user.` else."""
+    return OVERLAY_XATTR_PREFIXES[0] if os.geteuid() == 0 else OVERLAY_XATTR_PREFIXES[1]
+
+
+def read_origin_ino(dir_fd: int, name: str | None) -> int | None:
+    """The inode number recorded at copy-up in an upper copy, if any."""
+    value = read_overlay_xattr(dir_fd, name, ORIGIN_INO)
+    try:
+        return int(value) if value else None
+    except ValueError:
+        return None
+
+
+def make_whiteout(dir_fd: int, name: str) -> None:
+    """A character device 0/0: the one whiteout dialect every overlay reader knows."""
+    os.mknod(name, stat.S_IFCHR | 0o000, 0, dir_fd=dir_fd)
+
+
+def set_opaque(dir_fd: int, name: str | None) -> None:
+    os.setxattr(_at.fd_path(dir_fd, name), own_xattr_prefix() + OPAQUE, b"y",
+                follow_symlinks=name is None)
+
+
+def record_origin_ino(dir_fd: int, name: str | None, ino: int) -> None:
+    os.setxattr(_at.fd_path(dir_fd, name), own_xattr_prefix() + ORIGIN_INO, str(ino).encode(),
+                follow_symlinks=name is None)

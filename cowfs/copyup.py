@@ -1,0 +1,213 @@
+"""Copy an entry, and its missing parent directories, from a lower layer into the upper.
+
+Everything is made in the workdir's staging area and renamed into place, so the upper never
+shows a half-made copy: a crash leaves the old view and debris in staging, swept at next mount.
+Order matters: data first (writing data drops security.capability), then owner (chown clears
+setuid bits and capabilities), then xattrs, then mode, then times (every step above touches them).
+"""
+
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import stat
+from collections.abc import Callable
+
+from cowfs import _at, _libc, whiteout
+from cowfs.lookup import Directory, DirectoryFds, Entry
+
+log = logging.getLogger(__name__)
+
+UPPER = 0     # the upper layer's index in LayerStack.layers, when there is one
+_CHUNK_BYTES = 1 << 20
+# copy_file_range cannot serve these (old kernels, cross-filesystem, special files).
+_NO_COPY_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+_NO_CLONE = {errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EBADF}
+
+
+class Staging:
+    """Unique names in the workdir's staging directory, which this mount alone uses."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._counter = 0
+
+    def new_name(self) -> str:
+        self._counter += 1
+        return f"#{self._counter:x}"
+
+    def remove(self, name: str) -> None:
+        """Remove whatever *name* in staging is, directory trees included; never raises."""
+        try:
+            st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(name, dir_fd=self.fd)
+            else:
+                os.unlink(name, dir_fd=self.fd)
+        except OSError as exc:
+            log.warning("cannot remove %s from staging: %s", name, exc)
+
+
+def copy_data(source_fd: int, target_fd: int, size: int) -> None:
+    """Copy a file's data: reflink if the filesystem can, else only its data extents."""
+    try:
+        fcntl.ioctl(target_fd, _libc.FICLONE, source_fd)
+        return
+    except OSError as exc:
+        if exc.errno not in _NO_CLONE:
+            raise
+    offset = 0
+    while offset < size:
+        try:
+            data = os.lseek(source_fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:     # only a hole remains
+                break
+            raise
+        hole = os.lseek(source_fd, data, os.SEEK_HOLE)
+        _copy_range(source_fd, target_fd, data, hole - data)
+        offset = hole
+    os.ftruncate(target_fd, size)
+
+
+def _copy_range(source_fd: int, target_fd: int, offset: int, length: int) -> None:
+    end = offset + length
+    try:
+        while offset < end:
+            copied = os.copy_file_range(source_fd, target_fd, end - offset, offset, offset)
+            if copied == 0:
+                return
+            offset += copied
+    except OSError as exc:
+        if exc.errno not in _NO_COPY_RANGE:
+            raise
+        while offset < end:
+            chunk = os.pread(source_fd, min(_CHUNK_BYTES, end - offset), offset)
+            if not chunk:
+                return
+            offset += os.pwrite(target_fd, chunk, offset)
+
+
+def copy_xattrs(source_dir_fd: int, source_name: str | None, target_dir_fd: int,
+                target_name: str | None) -> None:
+    """Every xattr but overlay's own private ones (a user's escaped ones are data)."""
+    source = _at.fd_path(source_dir_fd, source_name)
+    target = _at.fd_path(target_dir_fd, target_name)
+    for attribute in _at.list_xattrs(source_dir_fd, source_name):
+        if whiteout.visible_xattr_name(attribute) is None:
+            continue
+        value = os.getxattr(source, attribute, follow_symlinks=source_name is None)
+        os.setxattr(target, attribute, value, follow_symlinks=target_name is None)
+
+
+def copy_metadata(source_dir_fd: int, source_name: str | None, st: os.stat_result,
+                  target_dir_fd: int, target_name: str) -> None:
+    """Owner, xattrs, mode and times of *st* onto a staged copy, in the order that keeps them."""
+    os.chown(target_name, st.st_uid, st.st_gid, dir_fd=target_dir_fd, follow_symlinks=False)
+    copy_xattrs(source_dir_fd, source_name, target_dir_fd, target_name)
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(target_name, stat.S_IMODE(st.st_mode), dir_fd=target_dir_fd)
+    os.utime(target_name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=target_dir_fd,
+             follow_symlinks=False)
+
+
+class CopyUp:
+    """Copies entries up through *staging*; *inode_number* gives the number to keep."""
+
+    def __init__(self, fds: DirectoryFds, staging: Staging,
+                 inode_number: Callable[[Entry], int]) -> None:
+        self.fds = fds
+        self.staging = staging
+        self.inode_number = inode_number
+
+    def upper_directory(self, directory: Directory) -> int:
+        """The fd of *directory*'s upper copy, copying it (and its parents) up if missing."""
+        if directory.layers[0] == UPPER:
+            return self.fds.fd(directory, UPPER)
+        assert directory.parent is not None, "the root always has an upper copy"
+        parent_fd = self.upper_directory(directory.parent)
+        existing = _lstat_or_none(parent_fd, directory.name)
+        if existing is None or not stat.S_ISDIR(existing.st_mode):
+            self._stage_and_place(directory, parent_fd, self._stage_directory)
+        fd = os.open(directory.name, _at.DIR_PATH_FLAGS, dir_fd=parent_fd)
+        directory.stat = os.fstat(fd)
+        directory.has_lower = True
+        self.fds.add_layer_on_top(directory, UPPER, fd)
+        return self.fds.fd(directory, UPPER)
+
+    def copy_up(self, entry: Entry) -> None:
+        """Give a non-directory entry an upper copy with all its data and metadata."""
+        if isinstance(entry, Directory):
+            self.upper_directory(entry)
+            return
+        if entry.layer == UPPER:
+            return
+        assert entry.parent is not None
+        parent_fd = self.upper_directory(entry.parent)
+        self._stage_and_place(entry, parent_fd, self._stage_file)
+        entry.layer = UPPER
+        entry.stat = os.stat(entry.name, dir_fd=parent_fd, follow_symlinks=False)
+        entry.has_lower = True
+
+    def _stage_and_place(self, entry: Entry, parent_fd: int,
+                         stage: Callable[[Entry, os.stat_result, str], None]) -> None:
+        """Make the copy in staging, then rename it into the upper parent in one step."""
+        source_dir_fd, source_name = self._source(entry)
+        st = os.stat(source_name, dir_fd=source_dir_fd, follow_symlinks=False) \
+            if source_name is not None else os.stat(source_dir_fd)
+        origin_ino = self.inode_number(entry)
+        parent_times = os.stat(parent_fd)
+        staged = self.staging.new_name()
+        try:
+            stage(entry, st, staged)
+            copy_metadata(source_dir_fd, source_name, st, self.staging.fd, staged)
+            # A lower file with several names keeps its own number until the index of
+            # hard links exists: two upper inodes must never claim one number.
+            if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
+                whiteout.record_origin_ino(self.staging.fd, staged, origin_ino)
+            _libc.renameat2(self.staging.fd, staged, parent_fd, entry.name,
+                            _libc.RENAME_NOREPLACE)
+        except BaseException:
+            self.staging.remove(staged)
+            raise
+        log.debug("copied up %r (inode %d)", entry.name, origin_ino)
+        # As the kernel: the parent's times do not change for a copy-up.
+        os.utime(_at.fd_path(parent_fd), ns=(parent_times.st_atime_ns, parent_times.st_mtime_ns))
+        entry.origin_ino = origin_ino if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1 else None
+
+    def _source(self, entry: Entry) -> tuple[int, str | None]:
+        if isinstance(entry, Directory):
+            return self.fds.fd(entry, entry.layer), None
+        return entry.location(self.fds)
+
+    def _stage_directory(self, entry: Entry, st: os.stat_result, staged: str) -> None:
+        os.mkdir(staged, 0o700, dir_fd=self.staging.fd)
+
+    def _stage_file(self, entry: Entry, st: os.stat_result, staged: str) -> None:
+        source_dir_fd, source_name = entry.location(self.fds)
+        mode = st.st_mode
+        if stat.S_ISREG(mode):
+            source = os.open(source_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=source_dir_fd)
+            try:
+                target = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                 0o600, dir_fd=self.staging.fd)
+                try:
+                    copy_data(source, target, st.st_size)
+                finally:
+                    os.close(target)
+            finally:
+                os.close(source)
+        elif stat.S_ISLNK(mode):
+            os.symlink(os.readlink(source_name, dir_fd=source_dir_fd), staged,
+                       dir_fd=self.staging.fd)
+        else:
+            os.mknod(staged, mode, st.st_rdev, dir_fd=self.staging.fd)
+
+
+def _lstat_or_none(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
