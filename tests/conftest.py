@@ -5,9 +5,11 @@ Every mount made here is unmounted and every daemon reaped, also when the test f
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,6 +156,20 @@ def layer_dirs(tmp_path: Path):
             path.mkdir()
         return paths
     return make
+
+
+@pytest.fixture
+def world_readable_dirs() -> Iterator[Path]:
+    """A scratch directory other users can walk into (pytest's tmp_path is root-only)."""
+    path = Path(tempfile.mkdtemp(prefix="cowfs-perm-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        for mount in read_mountinfo():
+            if mount.mountpoint.startswith(str(path)):
+                unmount_quietly(mount.mountpoint)
+        shutil.rmtree(path)
 
 
 @pytest.fixture(autouse=True)

@@ -4,11 +4,9 @@ import contextlib
 import errno
 import mmap
 import os
-import shutil
 import signal
 import stat
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -258,18 +256,6 @@ def test_forgotten_nodes_come_back_the_same(image) -> None:
     for path, st in before.items():
         assert (st.st_ino, st.st_mode, st.st_size) == \
             (after[path].st_ino, after[path].st_mode, after[path].st_size)
-
-
-@pytest.fixture
-def world_readable_dirs() -> Iterator[Path]:
-    """A scratch directory other users can walk into (pytest's tmp_path is root-only)."""
-    path = Path(tempfile.mkdtemp(prefix="cowfs-perm-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        unmount_quietly(path / "merged")
-        shutil.rmtree(path)
 
 
 def test_other_users_get_the_kernels_permission_checks(world_readable_dirs: Path) -> None:

@@ -1,0 +1,358 @@
+"""The write path through a real mount: copy-up, whiteouts, every change, in the kernel's format."""
+
+import contextlib
+import errno
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cowfs import _libc
+from conftest import cowfs_command, mounted_cowfs, unmount_quietly
+
+pytestmark = pytest.mark.mounts
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+class Stack:
+    """Two lowers, an upper, a workdir and a mount point under one test directory."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.top, self.bottom, self.upper, self.merged = (base / name for name in
+                                                          ("top", "bottom", "upper", "merged"))
+        for path in (self.top, self.bottom, self.upper, self.merged):
+            path.mkdir()
+        self.workdir = base / "work"
+
+    @property
+    def lowers(self) -> list[Path]:
+        return [self.top, self.bottom]
+
+    def mount(self, *extra: str):
+        return mounted_cowfs(self.lowers, self.merged, upper=self.upper,
+                             extra=("--workdir", str(self.workdir), *extra))
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Stack:
+    stack = Stack(tmp_path)
+    (stack.bottom / "file").write_text("lower data\n")
+    os.chmod(stack.bottom / "file", 0o640)
+    os.chown(stack.bottom / "file", 1000, 1000)
+    os.utime(stack.bottom / "file", ns=(1_000_000_123, 2_000_000_456))
+    os.setxattr(stack.bottom / "file", "user.kept", b"yes")
+    os.setxattr(stack.bottom / "file", "trusted.kept", b"too")
+    (stack.bottom / "dir").mkdir()
+    (stack.bottom / "dir" / "inner").write_text("inner")
+    (stack.top / "dir").mkdir()
+    (stack.top / "dir" / "upper-inner").write_text("top inner")
+    (stack.bottom / "link").symlink_to("file")
+    os.mkfifo(stack.bottom / "fifo")
+    return stack
+
+
+def is_whiteout(path: Path) -> bool:
+    st = os.lstat(path)
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+@contextlib.contextmanager
+def kernel_overlay(lowers: list[Path], upper: Path, merged: Path) -> Iterator[Path]:
+    """The kernel's overlayfs over an upper cowfs wrote (or will read), with a fresh workdir."""
+    workdir = upper.parent / f".{upper.name}.kernel-work"
+    workdir.mkdir()
+    lowerdir = ":".join(str(path) for path in lowers)
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={lowerdir},upperdir={upper},workdir={workdir},redirect_dir=on",
+                    str(merged)], check=True, capture_output=True)
+    try:
+        yield merged
+    finally:
+        unmount_quietly(merged)
+        subprocess.run(["rm", "-rf", str(workdir)], check=True)
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    """What a user sees: type, mode, owner, size, content or target, user xattrs."""
+    seen = {}
+    for directory, subdirectories, files in os.walk(root):
+        for name in subdirectories + files:
+            path = Path(directory, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                detail: object = path.read_bytes()
+            elif stat.S_ISLNK(st.st_mode):
+                detail = os.readlink(path)
+            else:
+                detail = None
+            xattrs = sorted((key, os.getxattr(path, key, follow_symlinks=False))
+                            for key in os.listxattr(path, follow_symlinks=False)
+                            if key.startswith("user."))
+            size = None if stat.S_ISDIR(st.st_mode) else st.st_size
+            seen[str(path.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, size,
+                                                 detail, tuple(xattrs))
+    return seen
+
+
+def test_first_write_copies_up_data_and_metadata_keeping_the_inode(stack: Stack) -> None:
+    with stack.mount() as mount:
+        path = stack.merged / "file"
+        before = os.lstat(path)
+        with open(path, "a") as file:
+            file.write("appended\n")
+        after = os.lstat(path)
+        assert path.read_text() == "lower data\nappended\n"
+        assert (after.st_ino, after.st_mode, after.st_uid, after.st_gid) == \
+            (before.st_ino, before.st_mode, 1000, 1000)
+        assert os.getxattr(path, "user.kept") == b"yes"
+        mount.unmount()
+    assert (stack.bottom / "file").read_text() == "lower data\n"
+    upper = stack.upper / "file"
+    assert upper.read_text() == "lower data\nappended\n"
+    assert os.getxattr(upper, "trusted.kept") == b"too"
+    with stack.mount():
+        assert os.lstat(stack.merged / "file").st_ino == before.st_ino
+
+
+def test_copy_up_of_metadata_only_changes_keeps_times_in_ns(stack: Stack) -> None:
+    with stack.mount():
+        os.chmod(stack.merged / "file", 0o600)
+        st = os.lstat(stack.merged / "file")
+        assert stat.S_IMODE(st.st_mode) == 0o600
+        assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_123, 2_000_000_456)
+        assert (stack.merged / "file").read_text() == "lower data\n"
+    assert stat.S_IMODE(os.lstat(stack.upper / "file").st_mode) == 0o600
+    assert not (stack.upper / "dir").exists(), "only the changed entry and its parents"
+
+
+def test_sparse_file_stays_sparse(stack: Stack) -> None:
+    with open(stack.bottom / "sparse", "wb") as file:
+        file.truncate(GIB)
+        file.seek(GIB // 2)
+        file.write(b"x" * MIB)
+    with stack.mount():
+        with open(stack.merged / "sparse", "ab") as file:
+            file.write(b"!")
+        st = os.lstat(stack.upper / "sparse")
+        assert st.st_size == GIB + 1
+        assert st.st_blocks * 512 < 4 * MIB
+        with open(stack.merged / "sparse", "rb") as file:
+            file.seek(GIB // 2)
+            assert file.read(MIB) == b"x" * MIB
+            assert file.read(10) == b"\0" * 10
+
+
+def test_unlink_leaves_a_whiteout_only_where_a_lower_has_the_name(stack: Stack) -> None:
+    with stack.mount():
+        (stack.merged / "new").write_text("upper only")
+        os.unlink(stack.merged / "new")
+        os.unlink(stack.merged / "file")
+        os.unlink(stack.merged / "link")
+        assert sorted(os.listdir(stack.merged)) == ["dir", "fifo"]
+        with pytest.raises(FileNotFoundError):
+            os.unlink(stack.merged / "file")
+        with pytest.raises(IsADirectoryError):
+            os.unlink(stack.merged / "dir")
+    assert is_whiteout(stack.upper / "file") and is_whiteout(stack.upper / "link")
+    assert not os.path.lexists(stack.upper / "new")
+
+
+def test_rmdir_of_a_merged_directory(stack: Stack) -> None:
+    with stack.mount():
+        with pytest.raises(OSError) as caught:
+            os.rmdir(stack.merged / "dir")
+        assert caught.value.errno == errno.ENOTEMPTY
+        os.unlink(stack.merged / "dir" / "inner")
+        os.unlink(stack.merged / "dir" / "upper-inner")
+        os.rmdir(stack.merged / "dir")
+        assert not (stack.merged / "dir").exists()
+        os.mkdir(stack.merged / "dir")
+        assert os.listdir(stack.merged / "dir") == [], "a new directory hides the old content"
+    assert os.getxattr(stack.upper / "dir", "trusted.overlay.opaque") == b"y"
+    assert os.listdir(stack.upper / "dir") == []
+
+
+def test_create_over_a_whiteout(stack: Stack) -> None:
+    with stack.mount() as mount:
+        os.unlink(stack.merged / "file")
+        (stack.merged / "file").write_text("reborn")
+        assert (stack.merged / "file").read_text() == "reborn"
+        st = os.lstat(stack.merged / "file")
+        assert (st.st_uid, st.st_gid) == (0, 0)
+        mount.unmount()
+    assert (stack.upper / "file").read_text() == "reborn"
+
+
+def test_rename_of_files_and_directories(stack: Stack) -> None:
+    with stack.mount():
+        os.rename(stack.merged / "file", stack.merged / "moved")
+        assert (stack.merged / "moved").read_text() == "lower data\n"
+        assert not (stack.merged / "file").exists()
+        os.mkdir(stack.merged / "newdir")
+        (stack.merged / "newdir" / "a").write_text("a")
+        os.rename(stack.merged / "newdir", stack.merged / "dir" / "sub")
+        assert (stack.merged / "dir" / "sub" / "a").read_text() == "a"
+        (stack.merged / "x").write_text("x")
+        with pytest.raises(FileExistsError):
+            _libc.renameat2(-100, str(stack.merged / "x"), -100, str(stack.merged / "moved"),
+                            _libc.RENAME_NOREPLACE)
+        _libc.renameat2(-100, str(stack.merged / "x"), -100, str(stack.merged / "moved"),
+                        _libc.RENAME_EXCHANGE)
+        assert (stack.merged / "x").read_text() == "lower data\n"
+        assert (stack.merged / "moved").read_text() == "x"
+    assert is_whiteout(stack.upper / "file")
+
+
+def test_setattr_truncate_and_times_on_an_open_file(stack: Stack) -> None:
+    with stack.mount():
+        path = stack.merged / "file"
+        with open(path, "r+b") as file:
+            os.ftruncate(file.fileno(), 5)
+            os.utime(file.fileno(), ns=(5_000_000_001, 6_000_000_002))
+            assert os.fstat(file.fileno()).st_size == 5
+        st = os.lstat(path)
+        assert (st.st_size, st.st_atime_ns, st.st_mtime_ns) == (5, 5_000_000_001, 6_000_000_002)
+        os.chown(path, 123, 456)
+        assert (os.lstat(path).st_uid, os.lstat(path).st_gid) == (123, 456)
+        os.chown(stack.merged / "link", 7, 8, follow_symlinks=False)
+        assert os.lstat(stack.merged / "link").st_uid == 7
+        assert path.read_bytes() == b"lower"
+
+
+def test_fstat_after_the_last_name_is_unlinked(stack: Stack) -> None:
+    with stack.mount():
+        path = stack.merged / "scratch"
+        with open(path, "w+") as file:
+            file.write("still here")
+            os.unlink(path)
+            assert os.fstat(file.fileno()).st_nlink == 0
+            file.seek(0)
+            assert file.read() == "still here"
+
+
+def test_hard_link_of_a_lower_file(stack: Stack) -> None:
+    with stack.mount():
+        os.link(stack.merged / "file", stack.merged / "dir" / "alias")
+        first, second = os.lstat(stack.merged / "file"), os.lstat(stack.merged / "dir" / "alias")
+        assert first.st_ino == second.st_ino and first.st_nlink == second.st_nlink == 2
+        with open(stack.merged / "dir" / "alias", "a") as file:
+            file.write("through the alias")
+        assert (stack.merged / "file").read_text().endswith("through the alias")
+
+
+def test_mknod_symlink_and_xattrs(stack: Stack) -> None:
+    with stack.mount():
+        os.mkfifo(stack.merged / "pipe", 0o600)
+        os.mknod(stack.merged / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        os.symlink("/etc/passwd", stack.merged / "abs")
+        assert stat.S_ISFIFO(os.lstat(stack.merged / "pipe").st_mode)
+        assert os.lstat(stack.merged / "null").st_rdev == os.makedev(1, 3)
+        assert os.readlink(stack.merged / "abs") == "/etc/passwd"
+        os.setxattr(stack.merged / "dir", "user.new", b"1")
+        os.removexattr(stack.merged / "file", "user.kept")
+        assert "user.kept" not in os.listxattr(stack.merged / "file")
+        os.setxattr(stack.merged / "file", "trusted.overlay.mine", b"escaped")
+        assert os.getxattr(stack.merged / "file", "trusted.overlay.mine") == b"escaped"
+    assert os.getxattr(stack.upper / "file", "trusted.overlay.overlay.mine") == b"escaped"
+    assert os.getxattr(stack.upper / "dir", "user.new") == b"1"
+
+
+def change_everything(merged: Path) -> None:
+    """A little of every change, for the interchange tests."""
+    with open(merged / "file", "a") as file:
+        file.write("more\n")
+    (merged / "created").write_text("new file")
+    os.mkdir(merged / "made")
+    (merged / "made" / "deep").write_text("deep")
+    os.unlink(merged / "dir" / "inner")
+    os.unlink(merged / "link")
+    os.rename(merged / "fifo", merged / "pipe")
+    os.chmod(merged / "dir", 0o700)
+    os.setxattr(merged / "created", "user.color", b"red")
+
+
+def test_kernel_overlayfs_shows_what_cowfs_wrote(stack: Stack) -> None:
+    with stack.mount() as mount:
+        change_everything(stack.merged)
+        seen = tree(stack.merged)
+        mount.unmount()
+    with kernel_overlay(stack.lowers, stack.upper, stack.merged):
+        assert tree(stack.merged) == seen
+
+
+def test_cowfs_shows_what_the_kernel_wrote(stack: Stack) -> None:
+    with kernel_overlay(stack.lowers, stack.upper, stack.merged):
+        change_everything(stack.merged)
+        seen = tree(stack.merged)
+    with stack.mount():
+        assert tree(stack.merged) == seen
+
+
+def test_default_workdir_is_a_hidden_sibling(stack: Stack) -> None:
+    with mounted_cowfs(stack.lowers, stack.merged, upper=stack.upper):
+        (stack.merged / "file").write_text("changed")
+    assert (stack.base / ".upper.cowfs-work" / "cowfs" / "staging").is_dir()
+
+
+def test_staging_debris_is_swept_at_mount(stack: Stack) -> None:
+    debris = stack.workdir / "cowfs" / "staging"
+    debris.mkdir(parents=True)
+    (debris / "#half-made").write_text("from a crash")
+    with stack.mount():
+        assert os.listdir(debris) == []
+        assert sorted(os.listdir(stack.merged)) == ["dir", "fifo", "file", "link"]
+
+
+def run_mount(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cowfs_command("mount", *arguments), capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def test_workdir_problems_are_refused(stack: Stack, tmp_path: Path) -> None:
+    lowerdir = f"{stack.top}:{stack.bottom}"
+    inside = run_mount("--workdir", str(stack.bottom / "w"), lowerdir, str(stack.upper),
+                       str(stack.merged))
+    assert inside.returncode == 2 and "is inside lower layer" in inside.stderr
+    other_fs = tmp_path / "tmpfs"
+    other_fs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(other_fs)], check=True)
+    try:
+        elsewhere = run_mount("--workdir", str(other_fs), lowerdir, str(stack.upper),
+                              str(stack.merged))
+    finally:
+        unmount_quietly(other_fs)
+    assert elsewhere.returncode == 2
+    assert "is not on the same filesystem as upper layer" in elsewhere.stderr
+    second = tmp_path / "second"
+    second.mkdir()
+    with stack.mount():
+        busy = run_mount("--workdir", str(stack.workdir), lowerdir, str(tmp_path / "u2"),
+                         str(second))
+        (tmp_path / "u2").mkdir()
+        busy = run_mount("--workdir", str(stack.workdir), lowerdir, str(tmp_path / "u2"),
+                         str(second))
+        shared_upper = run_mount(lowerdir, str(stack.upper), str(second))
+    assert busy.returncode == 2 and "is in use by another mount" in busy.stderr
+    assert shared_upper.returncode == 2 and "is in use by another mount" in shared_upper.stderr
+
+
+def test_files_are_created_as_the_caller(world_readable_dirs: Path) -> None:
+    stack = Stack(world_readable_dirs)
+    (stack.bottom / "shared").mkdir(mode=0o777)
+    os.chmod(stack.bottom / "shared", 0o777)
+    (stack.bottom / "locked").mkdir(mode=0o755)
+    with stack.mount():
+        def as_nobody(*command: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(list(command), user=65534, group=65534, capture_output=True,
+                                  text=True, check=False)
+        assert as_nobody("touch", str(stack.merged / "shared" / "mine")).returncode == 0
+        st = os.lstat(stack.merged / "shared" / "mine")
+        assert (st.st_uid, st.st_gid) == (65534, 65534)
+        denied = as_nobody("touch", str(stack.merged / "locked" / "theirs"))
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr
