@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import cowfs_command, mounted_cowfs, unmount_quietly
 
 from cowfs import _libc
-from conftest import cowfs_command, mounted_cowfs, unmount_quietly
 
 pytestmark = pytest.mark.mounts
 
