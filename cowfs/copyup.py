@@ -134,7 +134,34 @@ class CopyUp:
         directory.stat = os.fstat(fd)
         directory.has_lower = True
         self.fds.add_layer_on_top(directory, UPPER, fd)
+        if directory.places:           # its lower copies are elsewhere: say where
+            self.redirect(directory)
         return self.fds.fd(directory, UPPER)
+
+    def redirect(self, directory: Directory) -> None:
+        """Point the upper copy at its lower copies by path, so it may move anywhere.
+
+        The kernel's `redirect_dir` format: `overlay.redirect` = the topmost lower copy's path
+        from the layer root. From then on each lower copy is found by its own path.
+        """
+        lower_layers = [layer for layer in directory.layers if layer != UPPER]
+        if not lower_layers:
+            return
+        places = {layer: self.layer_path(directory, layer) for layer in lower_layers}
+        value = "/" + "/".join(places[lower_layers[0]])
+        os.setxattr(_at.fd_path(self.fds.fd(directory, UPPER)),
+                    whiteout.own_xattr_prefix() + whiteout.REDIRECT, os.fsencode(value))
+        directory.places.update(places)
+        log.debug("redirect %r -> %s", directory.name, value)
+
+    def layer_path(self, directory: Directory, layer: int) -> tuple[str, ...]:
+        """The path from the root of *layer* to *directory*'s copy there."""
+        if directory.parent is None:
+            return ()
+        place = directory.places.get(layer, directory.name)
+        if isinstance(place, tuple):
+            return place
+        return (*self.layer_path(directory.parent, layer), place)
 
     def copy_up(self, entry: Entry) -> None:
         """Give a non-directory entry an upper copy with all its data and metadata."""

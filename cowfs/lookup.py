@@ -55,17 +55,24 @@ class Entry:
         return fds.fd(self.parent, self.layer), self.name
 
 
+# A directory copy's place in its layer: a name in the parent's copy, or a path from the root.
+Place = str | tuple[str, ...]
+
+
 class Directory(Entry):
     """A merged directory: the directories of `layers` (top first) show through it."""
 
-    __slots__ = ("fds", "layers", "xwhiteout_layers")
+    __slots__ = ("fds", "layers", "places", "xwhiteout_layers")
 
     def __init__(self, parent: "Directory | None", name: str, layers: tuple[int, ...],
-                 st: os.stat_result, xwhiteout_layers: frozenset[int]) -> None:
+                 st: os.stat_result, xwhiteout_layers: frozenset[int],
+                 places: "dict[int, Place] | None" = None) -> None:
         super().__init__(parent, name, layers[0], st)
         self.layers = layers
         self.xwhiteout_layers = xwhiteout_layers
         self.fds: dict[int, int] | None = None   # layer -> O_PATH fd, while cached
+        # Where a layer's copy is when not at (parent's copy, name): after a redirect.
+        self.places: dict[int, Place] = places or {}
 
     @property
     def is_directory(self) -> bool:
@@ -139,8 +146,12 @@ class DirectoryFds:
         opened: dict[int, int] = {}
         try:
             for layer in directory.layers:
+                place = directory.places.get(layer, directory.name)
+                if isinstance(place, tuple):
+                    opened[layer] = open_path(self.stack.layers[layer].fd, place)
+                    continue
                 parent_fd = self.fd(directory.parent, layer)
-                opened[layer] = os.open(directory.name, _at.DIR_PATH_FLAGS, dir_fd=parent_fd)
+                opened[layer] = os.open(place, _at.DIR_PATH_FLAGS, dir_fd=parent_fd)
         except BaseException:
             for fd in opened.values():
                 os.close(fd)
@@ -156,19 +167,18 @@ def make_root(stack: LayerStack) -> Directory:
                      xwhiteouts)
 
 
-def _find(fds: DirectoryFds, parent: Directory, layer: int, name: str) -> os.stat_result | None:
-    """The lstat of *name* in one layer of *parent*; None when absent.
+def _find(directory_fd: int, name: str, xwhiteouts: bool) -> os.stat_result | None:
+    """The lstat of *name* in one layer's directory; None when absent.
 
     Raises _Hidden when the layer hides the name from the layers below it.
     """
-    parent_fd = fds.fd(parent, layer)
     try:
-        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        st = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
     except FileNotFoundError:
-        if whiteout.is_oci_whiteout_present(parent_fd, name):
+        if whiteout.is_oci_whiteout_present(directory_fd, name):
             raise _Hidden from None
         return None
-    if whiteout.is_whiteout(parent_fd, name, st, xwhiteouts=layer in parent.xwhiteout_layers):
+    if whiteout.is_whiteout(directory_fd, name, st, xwhiteouts=xwhiteouts):
         raise _Hidden
     return st
 
@@ -177,28 +187,88 @@ class _Hidden(Exception):
     """A whiteout: the name ends here, in this layer."""
 
 
+def open_path(root_fd: int, path: tuple[str, ...]) -> int:
+    """An O_PATH fd of the directory at *path* below *root_fd*, one component at a time."""
+    fd = os.dup(root_fd)
+    try:
+        for name in path:
+            child = os.open(name, _at.DIR_PATH_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def parse_redirect(value: bytes | None) -> Place | None:
+    """An `overlay.redirect` value: `/a/b` from the layer root, or a bare name beside us."""
+    if not value:
+        return None
+    text = os.fsdecode(value)
+    if text.startswith("/"):
+        components = tuple(text.strip("/").split("/"))
+        return None if any(part in ("", ".", "..") for part in components) else components
+    return None if "/" in text or text in (".", "..") else text
+
+
+class _Search:
+    """Where lookup looks next: *name* in the parent's copies, or a path from layer roots."""
+
+    def __init__(self, fds: DirectoryFds, parent: Directory, place: Place) -> None:
+        self.fds, self.parent, self.place = fds, parent, place
+        self.opened: int | None = None
+
+    def directory_fd(self, layer: int) -> tuple[int, str, bool] | None:
+        """(fd of the directory to search, name, xwhiteouts) in *layer*, or None to skip it."""
+        self.close()
+        if isinstance(self.place, str):
+            if layer not in self.parent.layers:
+                return None
+            return (self.fds.fd(self.parent, layer), self.place,
+                    layer in self.parent.xwhiteout_layers)
+        if not self.place:
+            return None
+        try:
+            self.opened = open_path(self.fds.stack.layers[layer].fd, self.place[:-1])
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        xwhiteouts = whiteout.directory_opacity(self.opened) is Opacity.XWHITEOUTS
+        return self.opened, self.place[-1], xwhiteouts
+
+    def close(self) -> None:
+        if self.opened is not None:
+            os.close(self.opened)
+            self.opened = None
+
+
 def lookup(fds: DirectoryFds, parent: Directory, name: str, *,
            upper: int | None = None) -> Entry | None:
     """Resolve *name* in *parent*, top layer first; None when no layer shows it.
 
-    *upper* is the index of the writable layer, if any: for a copy found there, the layers below
-    are probed too, to know whether deleting it needs a whiteout.
+    A directory's `overlay.redirect` sends the search in the layers below to the path it names
+    (a renamed directory finds its lower copies where they are). *upper* is the index of the
+    writable layer, if any: for a copy found there, the layers below are probed too, to know
+    whether deleting it needs a whiteout.
     Raises OSError for a name that cannot exist (ENAMETOOLONG, EINVAL) or a layer that fails.
     """
     _at.check_name(name)
     if whiteout.is_oci_name(name):
         return None
+    search = _Search(fds, parent, name)
     top_stat: os.stat_result | None = None
     merged: dict[int, int] = {}             # layer -> fd of the directory copies found so far
+    places: dict[int, Place] = {}
     xwhiteouts: set[int] = set()
-    remaining = list(parent.layers)
     try:
-        while remaining:
-            layer = remaining.pop(0)
+        for layer in range(parent.layers[0], len(fds.stack.layers)):
+            where = search.directory_fd(layer)
+            if where is None:
+                continue
+            directory_fd, search_name, layer_xwhiteouts = where
             try:
-                st = _find(fds, parent, layer, name)
+                st = _find(directory_fd, search_name, layer_xwhiteouts)
             except _Hidden:
-                remaining = []
                 break
             if st is None:
                 continue
@@ -206,38 +276,46 @@ def lookup(fds: DirectoryFds, parent: Directory, name: str, *,
                 if top_stat is None:
                     entry = Entry(parent, name, layer, st)
                     if layer == upper:
-                        entry.has_lower = _shown_below(fds, parent, name, remaining)
-                        entry.origin_ino = whiteout.read_origin_ino(fds.fd(parent, layer), name)
+                        entry.has_lower = _shown_below(fds, parent, name, layer)
+                        entry.origin_ino = whiteout.read_origin_ino(directory_fd, name)
                     return entry
-                remaining.insert(0, layer)
                 break                      # a non-directory below a directory ends the merge
             if top_stat is None:
                 top_stat = st
-            merged[layer] = fd = os.open(name, _at.DIR_PATH_FLAGS, dir_fd=fds.fd(parent, layer))
+            merged[layer] = fd = os.open(search_name, _at.DIR_PATH_FLAGS, dir_fd=directory_fd)
+            if search.place != name:
+                places[layer] = search.place
             opacity = whiteout.directory_opacity(fd)
             if opacity is Opacity.XWHITEOUTS:
                 xwhiteouts.add(layer)
             elif opacity is Opacity.OPAQUE:
                 break
+            redirect = parse_redirect(whiteout.read_overlay_xattr(fd, None, whiteout.REDIRECT))
+            if redirect is not None:
+                search.place = redirect
     except BaseException:
         for fd in merged.values():
             os.close(fd)
         raise
+    finally:
+        search.close()
     if top_stat is None:
         return None
-    directory = Directory(parent, name, tuple(merged), top_stat, frozenset(xwhiteouts))
+    directory = Directory(parent, name, tuple(merged), top_stat, frozenset(xwhiteouts), places)
     fds.adopt(directory, merged)
     if directory.layer == upper:
-        directory.has_lower = len(merged) > 1 or _shown_below(fds, parent, name, remaining)
+        directory.has_lower = _shown_below(fds, parent, name, upper)
         directory.origin_ino = whiteout.read_origin_ino(merged[upper], None)
     return directory
 
 
-def _shown_below(fds: DirectoryFds, parent: Directory, name: str, layers: list[int]) -> bool:
-    """Whether the first of *layers* that has *name* shows it rather than hiding it."""
-    for layer in layers:
+def _shown_below(fds: DirectoryFds, parent: Directory, name: str, layer: int) -> bool:
+    """Whether a layer of *parent* below *layer* shows *name* (first hit decides)."""
+    for lower in parent.layers:
+        if lower <= layer:
+            continue
         try:
-            if _find(fds, parent, layer, name) is not None:
+            if _find(fds.fd(parent, lower), name, lower in parent.xwhiteout_layers) is not None:
                 return True
         except _Hidden:
             return False

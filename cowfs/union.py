@@ -356,8 +356,8 @@ class Union:
         target_parent_fd = writer.upper_directory(new_directory)
         covers_lower = target.has_lower if target is not None else \
             self._upper_holds_whiteout(target_parent_fd, new_name)
-        if isinstance(source, Directory) and covers_lower:
-            whiteout.set_opaque(self.fds.fd(source, UPPER), None)
+        if isinstance(source, Directory):
+            self._prepare_directory_move(source, covers_lower)
         if (isinstance(target, Directory) and target.layer == UPPER) or \
                 (isinstance(source, Directory) and target is None and covers_lower):
             self._rename_over_directory(source, source_parent_fd, target_parent_fd, new_name)
@@ -528,12 +528,21 @@ class Union:
                 raise _error(errno.ENOTDIR, target.name)
             if target is not None and self.list_names(target):
                 raise _error(errno.ENOTEMPTY, target.name)
-            if source.has_lower:
-                # A directory with lower copies moves by redirect (not built yet): EXDEV makes
-                # mv(1) copy it instead, as the kernel's overlayfs without redirect_dir.
-                raise _error(errno.EXDEV, source.name)
         elif target is not None and target.is_directory:
             raise _error(errno.EISDIR, target.name)
+
+    def _prepare_directory_move(self, directory: Directory, covers_lower: bool) -> None:
+        """Before a directory moves: it must keep its own lower copies and no others.
+
+        One with lower copies gets a redirect to them (which also stops the lower layers at
+        its new name from showing through); one without, landing where a lower layer has the
+        name, is made opaque.
+        """
+        writer = self._writer()
+        if any(layer != UPPER for layer in directory.layers):
+            writer.redirect(directory)
+        elif covers_lower:
+            whiteout.set_opaque(self.fds.fd(directory, UPPER), None)
 
     def _rename_over_directory(self, source: Entry, source_parent_fd: int,
                                target_parent_fd: int, new_name: str) -> None:
@@ -555,9 +564,6 @@ class Union:
 
     def _exchange(self, source: Entry, target: Entry) -> None:
         """RENAME_EXCHANGE: both names stay, each showing the other's entry."""
-        for entry in (source, target):
-            if isinstance(entry, Directory) and entry.has_lower:
-                raise _error(errno.EXDEV, entry.name)
         writer = self._writer()
         writer.copy_up(source)
         writer.copy_up(target)
@@ -567,8 +573,8 @@ class Union:
         source_fd = writer.upper_directory(source_parent)
         target_fd = writer.upper_directory(target_parent)
         for moving, destination in ((source, target), (target, source)):
-            if isinstance(moving, Directory) and destination.has_lower:
-                whiteout.set_opaque(self.fds.fd(moving, UPPER), None)
+            if isinstance(moving, Directory):
+                self._prepare_directory_move(moving, destination.has_lower)
         _libc.renameat2(source_fd, source_name, target_fd, target_name, _libc.RENAME_EXCHANGE)
         source_lower, target_lower = source.has_lower, target.has_lower
         self._forget(source_parent, source)

@@ -22,6 +22,7 @@ OCI_OPAQUE_MARKER = ".wh..wh..opq"
 OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 OPAQUE = "opaque"
 WHITEOUT = "whiteout"
+REDIRECT = "redirect"
 
 
 class Opacity(enum.Enum):

@@ -356,3 +356,37 @@ def test_files_are_created_as_the_caller(world_readable_dirs: Path) -> None:
         assert (st.st_uid, st.st_gid) == (65534, 65534)
         denied = as_nobody("touch", str(stack.merged / "locked" / "theirs"))
         assert denied.returncode != 0 and "Permission denied" in denied.stderr
+
+
+def test_rename_of_a_lower_directory_writes_a_redirect(stack: Stack) -> None:
+    (stack.bottom / "dir" / "nested").mkdir()
+    (stack.bottom / "dir" / "nested" / "leaf").write_text("leaf")
+    (stack.bottom / "other").mkdir()
+    with stack.mount() as mount:
+        os.rename(stack.merged / "dir", stack.merged / "renamed")
+        assert sorted(os.listdir(stack.merged / "renamed")) == ["inner", "nested", "upper-inner"]
+        os.rename(stack.merged / "renamed", stack.merged / "other" / "moved")
+        assert (stack.merged / "other" / "moved" / "nested" / "leaf").read_text() == "leaf"
+        assert not (stack.merged / "dir").exists() and not (stack.merged / "renamed").exists()
+        seen = tree(stack.merged)
+        mount.unmount()
+    assert os.getxattr(stack.upper / "other" / "moved", "trusted.overlay.redirect") == b"/dir"
+    assert is_whiteout(stack.upper / "dir")
+    assert not os.path.lexists(stack.upper / "renamed"), "no whiteout where no lower had it"
+    with kernel_overlay(stack.lowers, stack.upper, stack.merged):
+        assert tree(stack.merged) == seen
+    with stack.mount():
+        assert tree(stack.merged) == seen
+
+
+def test_cowfs_follows_the_kernels_redirects(stack: Stack) -> None:
+    (stack.bottom / "stays").mkdir()
+    (stack.bottom / "stays" / "content").write_text("here")
+    with kernel_overlay(stack.lowers, stack.upper, stack.merged):
+        os.rename(stack.merged / "stays", stack.merged / "stays-renamed")
+        os.rename(stack.merged / "dir", stack.merged / "same-parent")
+        os.mkdir(stack.merged / "box")
+        os.rename(stack.merged / "same-parent", stack.merged / "box" / "moved")
+        seen = tree(stack.merged)
+    with stack.mount():
+        assert tree(stack.merged) == seen
