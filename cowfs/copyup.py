@@ -14,7 +14,7 @@ import shutil
 import stat
 from collections.abc import Callable
 
-from cowfs import _at, _libc, whiteout
+from cowfs import _at, _libc, lookup, whiteout
 from cowfs.lookup import Directory, DirectoryFds, Entry
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,7 @@ UPPER = 0     # the upper layer's index in LayerStack.layers, when there is one
 _CHUNK_BYTES = 1 << 20
 # copy_file_range cannot serve these (old kernels, cross-filesystem, special files).
 _NO_COPY_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+_CAPABILITY = "security.capability"
 _NO_CLONE = {errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EBADF}
 
 
@@ -163,19 +164,61 @@ class CopyUp:
             return place
         return (*self.layer_path(directory.parent, layer), place)
 
-    def copy_up(self, entry: Entry) -> None:
-        """Give a non-directory entry an upper copy with all its data and metadata."""
+    def copy_up(self, entry: Entry, *, data: bool = True) -> None:
+        """Give an entry an upper copy; without *data*, a metadata-only one where it can.
+
+        A metadata-only copy (the kernel's metacopy) of a regular file is a sparse file of the
+        same size marked `overlay.metacopy`, whose data stays in the lower copy until the
+        first write or truncate. A lower file with several names is always copied whole:
+        two metacopies must never share one lower file.
+        """
         if isinstance(entry, Directory):
             self.upper_directory(entry)
             return
         if entry.layer == UPPER:
+            if data and entry.metacopy:
+                self._copy_up_data(entry)
             return
         assert entry.parent is not None
         parent_fd = self.upper_directory(entry.parent)
-        self._stage_and_place(entry, parent_fd, self._stage_file)
+        metadata_only = (not data and stat.S_ISREG(entry.stat.st_mode)
+                         and entry.stat.st_nlink == 1)
+        lower_layer = entry.layer
+        self._stage_and_place(entry, parent_fd,
+                              self._stage_metacopy if metadata_only else self._stage_file)
         entry.layer = UPPER
         entry.stat = os.stat(entry.name, dir_fd=parent_fd, follow_symlinks=False)
         entry.has_lower = True
+        if metadata_only:
+            entry.metacopy, entry.data = True, (lower_layer, entry.name)
+
+    def _copy_up_data(self, entry: Entry) -> None:
+        """Fill a metadata-only upper copy with its data, then drop the metacopy mark.
+
+        Until the mark goes, readers use the lower data: a crash half-way changes nothing.
+        Writing data drops security.capability, so it is put back, as the kernel does.
+        """
+        directory_fd, name = entry.location(self.fds)
+        st = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
+        capability = _at.get_xattr(directory_fd, name, _CAPABILITY)
+        source = lookup.open_data(self.fds, entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            target = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=directory_fd)
+            try:
+                copy_data(source, target, st.st_size)
+            finally:
+                os.close(target)
+        finally:
+            os.close(source)
+        if capability is not None:
+            os.setxattr(_at.fd_path(directory_fd, name), _CAPABILITY, capability,
+                        follow_symlinks=False)
+        whiteout.clear_metacopy(directory_fd, name)
+        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=directory_fd,
+                 follow_symlinks=False)
+        entry.metacopy, entry.data = False, None
+        log.debug("copied up the data of %r", name)
 
     def _stage_and_place(self, entry: Entry, parent_fd: int,
                          stage: Callable[[Entry, os.stat_result, str], None]) -> None:
@@ -207,6 +250,15 @@ class CopyUp:
         if isinstance(entry, Directory):
             return self.fds.fd(entry, entry.layer), None
         return entry.location(self.fds)
+
+    def _stage_metacopy(self, entry: Entry, st: os.stat_result, staged: str) -> None:
+        target = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                         dir_fd=self.staging.fd)
+        try:
+            os.ftruncate(target, st.st_size)
+        finally:
+            os.close(target)
+        whiteout.set_metacopy(self.staging.fd, staged)
 
     def _stage_directory(self, entry: Entry, st: os.stat_result, staged: str) -> None:
         os.mkdir(staged, 0o700, dir_fd=self.staging.fd)

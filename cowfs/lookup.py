@@ -29,8 +29,8 @@ DEFAULT_FD_BUDGET = 4096
 class Entry:
     """A visible name in the merged tree and where its topmost copy lives."""
 
-    __slots__ = ("__weakref__", "has_lower", "layer", "name", "origin_ino", "parent", "removed",
-                 "stat")
+    __slots__ = ("__weakref__", "data", "has_lower", "layer", "metacopy", "name", "origin_ino",
+                 "parent", "removed", "stat")
 
     def __init__(self, parent: "Directory | None", name: str, layer: int,
                  st: os.stat_result) -> None:
@@ -44,6 +44,10 @@ class Entry:
         # The inode number the merged view showed before copy-up, recorded in the upper copy.
         self.origin_ino: int | None = None
         self.removed = False     # unlinked or replaced: only open handles still reach it
+        # An upper copy with metadata only (the kernel's metacopy): its data is still in the
+        # lower copy at `data` (layer, place), or lost (None: reading gives EIO, as the kernel).
+        self.metacopy = False
+        self.data: tuple[int, Place] | None = None
 
     @property
     def is_directory(self) -> bool:
@@ -278,6 +282,9 @@ def lookup(fds: DirectoryFds, parent: Directory, name: str, *,
                     if layer == upper:
                         entry.has_lower = _shown_below(fds, parent, name, layer)
                         entry.origin_ino = whiteout.read_origin_ino(directory_fd, name)
+                        if stat.S_ISREG(st.st_mode) and whiteout.is_metacopy(directory_fd, name):
+                            entry.metacopy = True
+                            entry.data = _find_data(fds, search, directory_fd, name, layer)
                     return entry
                 break                      # a non-directory below a directory ends the merge
             if top_stat is None:
@@ -307,6 +314,40 @@ def lookup(fds: DirectoryFds, parent: Directory, name: str, *,
         directory.has_lower = _shown_below(fds, parent, name, upper)
         directory.origin_ino = whiteout.read_origin_ino(merged[upper], None)
     return directory
+
+
+def _find_data(fds: DirectoryFds, search: _Search, directory_fd: int, name: str,
+               layer: int) -> tuple[int, Place] | None:
+    """Where a metacopy's data is: the next regular file down, at its redirect if it has one."""
+    redirect = parse_redirect(whiteout.read_overlay_xattr(directory_fd, name, whiteout.REDIRECT))
+    if redirect is not None:
+        search.place = redirect
+    for lower in range(layer + 1, len(fds.stack.layers)):
+        where = search.directory_fd(lower)
+        if where is None:
+            continue
+        try:
+            st = _find(*where)
+        except _Hidden:
+            return None
+        if st is not None:
+            return (lower, search.place) if stat.S_ISREG(st.st_mode) else None
+    return None
+
+
+def open_data(fds: DirectoryFds, entry: Entry, flags: int) -> int:
+    """An fd on a metacopy entry's data, in the lower layer that holds it."""
+    if entry.data is None:
+        raise OSError(errno.EIO, "the data of this metadata-only copy is missing", entry.name)
+    layer, place = entry.data
+    if isinstance(place, str):
+        assert entry.parent is not None
+        return os.open(place, flags, dir_fd=fds.fd(entry.parent, layer))
+    directory_fd = open_path(fds.stack.layers[layer].fd, place[:-1])
+    try:
+        return os.open(place[-1], flags, dir_fd=directory_fd)
+    finally:
+        os.close(directory_fd)
 
 
 def _shown_below(fds: DirectoryFds, parent: Directory, name: str, layer: int) -> bool:

@@ -86,13 +86,18 @@ class FileHandle:
     of one file see one file (the kernel keeps one page cache for the node).
     """
 
-    __slots__ = ("entry", "fd", "flags", "layer")
+    __slots__ = ("entry", "fd", "flags", "source")
 
     def __init__(self, entry: Entry, fd: int, flags: int) -> None:
         self.entry = entry
         self.fd = fd
         self.flags = flags
-        self.layer = entry.layer
+        self.source = self.copy_of(entry)
+
+    @staticmethod
+    def copy_of(entry: Entry) -> tuple[int, bool]:
+        """Which copy an fd opened now would be on: the layer, and whether only its data."""
+        return entry.layer, entry.metacopy
 
 
 def _caller(ctx: pyfuse3.RequestContext) -> Caller:
@@ -209,11 +214,11 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle_id), keep_cache=True)
 
     def _readable_fd(self, handle: FileHandle) -> int:
-        if handle.layer != handle.entry.layer and not handle.entry.removed:
+        if handle.source != FileHandle.copy_of(handle.entry) and not handle.entry.removed:
             # Copied up since this reader opened it: read the copy everyone else writes.
             fd = self.union.open(handle.entry, handle.flags)
             os.close(handle.fd)
-            handle.fd, handle.layer = fd, handle.entry.layer
+            handle.fd, handle.source = fd, FileHandle.copy_of(handle.entry)
         return handle.fd
 
     @replies_errno
@@ -360,7 +365,8 @@ class Operations(pyfuse3.Operations):
             size=attr.st_size if fields.update_size else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
-            fd=handle.fd if handle is not None and handle.layer == node.entry.layer else None)
+            fd=handle.fd if handle is not None
+            and handle.source == FileHandle.copy_of(node.entry) else None)
         return self.attributes(node.id, node.entry, st)
 
     @replies_errno

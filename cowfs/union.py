@@ -178,8 +178,10 @@ class Union:
             raise _error(errno.EISDIR, entry.name)
         if flags & _WRITE_ACCESS or flags & os.O_TRUNC:
             self._writer().copy_up(entry)
-        directory_fd, name = entry.location(self.fds)
         flags = (flags & ~_DROPPED_OPEN_FLAGS) | os.O_NOFOLLOW | os.O_CLOEXEC
+        if entry.metacopy:
+            return lookup.open_data(self.fds, entry, flags)
+        directory_fd, name = entry.location(self.fds)
         return os.open(name, flags, dir_fd=directory_fd)
 
     def readlink(self, entry: Entry) -> str:
@@ -208,13 +210,13 @@ class Union:
     # -- changes ----------------------------------------------------------------------------
 
     def set_xattr(self, entry: Entry, attribute: str, value: bytes, flags: int = 0) -> None:
-        self._writer().copy_up(entry)
+        self._writer().copy_up(entry, data=False)
         directory_fd, name = self._xattr_target(entry)
         os.setxattr(_at.fd_path(directory_fd, name), whiteout.stored_xattr_name(attribute),
                     value, flags, follow_symlinks=name is None)
 
     def remove_xattr(self, entry: Entry, attribute: str) -> None:
-        self._writer().copy_up(entry)
+        self._writer().copy_up(entry, data=False)
         directory_fd, name = self._xattr_target(entry)
         os.removexattr(_at.fd_path(directory_fd, name), whiteout.stored_xattr_name(attribute),
                        follow_symlinks=name is None)
@@ -222,8 +224,11 @@ class Union:
     def setattr(self, entry: Entry, *, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
                 mtime_ns: int | None = None, fd: int | None = None) -> os.stat_result:
-        """chmod, chown, truncate and utimes in one call, on the entry's upper copy."""
-        self._writer().copy_up(entry)
+        """chmod, chown, truncate and utimes in one call, on the entry's upper copy.
+
+        Only a truncate copies the data up; the rest is a metadata-only copy-up.
+        """
+        self._writer().copy_up(entry, data=size is not None)
         directory_fd, name = self._xattr_target(entry)
         path = _at.fd_path(directory_fd, name)
         follow = name is None

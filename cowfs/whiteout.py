@@ -11,6 +11,7 @@ Read side of the kernel overlayfs format (notes/kernel-format.md) and of the OCI
 """
 
 import enum
+import errno
 import os
 import stat
 
@@ -23,6 +24,7 @@ OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 OPAQUE = "opaque"
 WHITEOUT = "whiteout"
 REDIRECT = "redirect"
+METACOPY = "metacopy"
 
 
 class Opacity(enum.Enum):
@@ -133,6 +135,25 @@ def read_origin_ino(dir_fd: int, name: str | None) -> int | None:
         return int(value) if value else None
     except ValueError:
         return None
+
+
+def is_metacopy(dir_fd: int, name: str) -> bool:
+    """An upper file that holds metadata only: its data is in the lower copy."""
+    return read_overlay_xattr(dir_fd, name, METACOPY) is not None
+
+
+def set_metacopy(dir_fd: int, name: str) -> None:
+    os.setxattr(_at.fd_path(dir_fd, name), own_xattr_prefix() + METACOPY, b"",
+                follow_symlinks=False)
+
+
+def clear_metacopy(dir_fd: int, name: str) -> None:
+    for attribute in (own_xattr_prefix() + METACOPY, own_xattr_prefix() + REDIRECT):
+        try:
+            os.removexattr(_at.fd_path(dir_fd, name), attribute, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:
+                raise
 
 
 def make_whiteout(dir_fd: int, name: str) -> None:

@@ -69,7 +69,8 @@ def kernel_overlay(lowers: list[Path], upper: Path, merged: Path) -> Iterator[Pa
     workdir.mkdir()
     lowerdir = ":".join(str(path) for path in lowers)
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                    f"lowerdir={lowerdir},upperdir={upper},workdir={workdir},redirect_dir=on",
+                    f"lowerdir={lowerdir},upperdir={upper},workdir={workdir},redirect_dir=on,"
+                    "metacopy=on",
                     str(merged)], check=True, capture_output=True)
     try:
         yield merged
@@ -129,6 +130,43 @@ def test_copy_up_of_metadata_only_changes_keeps_times_in_ns(stack: Stack) -> Non
         assert (stack.merged / "file").read_text() == "lower data\n"
     assert stat.S_IMODE(os.lstat(stack.upper / "file").st_mode) == 0o600
     assert not (stack.upper / "dir").exists(), "only the changed entry and its parents"
+
+
+def test_metadata_changes_copy_no_data_until_the_first_write(stack: Stack) -> None:
+    (stack.bottom / "big").write_bytes(b"b" * (8 * MIB))
+    with stack.mount() as mount:
+        big = stack.merged / "big"
+        os.chmod(big, 0o600)
+        os.chown(big, 5, 6)
+        os.utime(big, ns=(7, 8))
+        os.setxattr(big, "user.tag", b"t")
+        upper = os.lstat(stack.upper / "big")
+        assert upper.st_size == 8 * MIB and upper.st_blocks * 512 <= 4096   # xattrs only
+        assert os.getxattr(stack.upper / "big", "trusted.overlay.metacopy") == b""
+        assert big.read_bytes() == b"b" * (8 * MIB)
+        metadata = tree(stack.merged)
+        mount.unmount()
+    with kernel_overlay(stack.lowers, stack.upper, stack.merged):
+        assert tree(stack.merged) == metadata
+    with stack.mount():
+        with open(stack.merged / "big", "r+b") as file:
+            file.write(b"new")
+        st = os.lstat(stack.merged / "big")
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns) == \
+            (0o600, 5, 6, st.st_mtime_ns)
+        assert (stack.merged / "big").read_bytes() == b"new" + b"b" * (8 * MIB - 3)
+        assert os.getxattr(stack.merged / "big", "user.tag") == b"t"
+    assert "trusted.overlay.metacopy" not in os.listxattr(stack.upper / "big")
+    assert (stack.upper / "big").read_bytes()[:4] == b"newb"
+
+
+def test_a_reader_follows_the_copy_up(stack: Stack) -> None:
+    with stack.mount():
+        with open(stack.merged / "file", "rb") as reader:
+            os.chmod(stack.merged / "file", 0o644)          # metadata only
+            with open(stack.merged / "file", "r+b") as writer:
+                writer.write(b"LOWER")                       # now the data too
+            assert reader.read() == b"LOWER data\n"
 
 
 def test_sparse_file_stays_sparse(stack: Stack) -> None:
