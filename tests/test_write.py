@@ -161,12 +161,11 @@ def test_metadata_changes_copy_no_data_until_the_first_write(stack: Stack) -> No
 
 
 def test_a_reader_follows_the_copy_up(stack: Stack) -> None:
-    with stack.mount():
-        with open(stack.merged / "file", "rb") as reader:
-            os.chmod(stack.merged / "file", 0o644)          # metadata only
-            with open(stack.merged / "file", "r+b") as writer:
-                writer.write(b"LOWER")                       # now the data too
-            assert reader.read() == b"LOWER data\n"
+    with stack.mount(), open(stack.merged / "file", "rb") as reader:
+        os.chmod(stack.merged / "file", 0o644)          # metadata only
+        with open(stack.merged / "file", "r+b") as writer:
+            writer.write(b"LOWER")                       # now the data too
+        assert reader.read() == b"LOWER data\n"
 
 
 def test_sparse_file_stays_sparse(stack: Stack) -> None:
