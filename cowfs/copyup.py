@@ -116,10 +116,11 @@ def copy_metadata(source_dir_fd: int, source_name: str | None, st: os.stat_resul
 class CopyUp:
     """Copies entries up through *staging*; *inode_number* gives the number to keep."""
 
-    def __init__(self, fds: DirectoryFds, staging: Staging,
+    def __init__(self, fds: DirectoryFds, staging: Staging, index_fd: int,
                  inode_number: Callable[[Entry], int]) -> None:
         self.fds = fds
         self.staging = staging
+        self.index_fd = index_fd
         self.inode_number = inode_number
 
     def upper_directory(self, directory: Directory) -> int:
@@ -181,6 +182,14 @@ class CopyUp:
             return
         assert entry.parent is not None
         parent_fd = self.upper_directory(entry.parent)
+        if entry.index_name is not None:
+            # Another name of this file is up already: this name becomes a link to it.
+            os.link(entry.index_name, entry.name, src_dir_fd=self.index_fd, dst_dir_fd=parent_fd,
+                    follow_symlinks=False)
+            entry.layer = UPPER
+            entry.stat = os.stat(entry.name, dir_fd=parent_fd, follow_symlinks=False)
+            entry.has_lower = True
+            return
         metadata_only = (not data and stat.S_ISREG(entry.stat.st_mode)
                          and entry.stat.st_nlink == 1)
         lower_layer = entry.layer
@@ -232,10 +241,9 @@ class CopyUp:
         try:
             stage(entry, st, staged)
             copy_metadata(source_dir_fd, source_name, st, self.staging.fd, staged)
-            # A lower file with several names keeps its own number until the index of
-            # hard links exists: two upper inodes must never claim one number.
-            if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
-                whiteout.record_origin_ino(self.staging.fd, staged, origin_ino)
+            whiteout.record_origin_ino(self.staging.fd, staged, origin_ino)
+            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+                self._index(staged, origin_ino, st.st_nlink, entry)
             _libc.renameat2(self.staging.fd, staged, parent_fd, entry.name,
                             _libc.RENAME_NOREPLACE)
         except BaseException:
@@ -244,7 +252,19 @@ class CopyUp:
         log.debug("copied up %r (inode %d)", entry.name, origin_ino)
         # As the kernel: the parent's times do not change for a copy-up.
         os.utime(_at.fd_path(parent_fd), ns=(parent_times.st_atime_ns, parent_times.st_mtime_ns))
-        entry.origin_ino = origin_ino if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1 else None
+        entry.origin_ino = origin_ino
+
+    def _index(self, staged: str, origin_ino: int, link_count: int, entry: Entry) -> None:
+        """Link a finished copy into the index, where the file's other lower names find it.
+
+        Like the kernel's `index=on`: one upper inode for all the lower names of a file, so
+        they stay linked. The index entry counts the merged view's names of the file.
+        """
+        index_name = f"{origin_ino:x}"
+        whiteout.write_link_count(self.staging.fd, staged, link_count)
+        os.link(staged, index_name, src_dir_fd=self.staging.fd, dst_dir_fd=self.index_fd,
+                follow_symlinks=False)
+        entry.index_name = index_name
 
     def _source(self, entry: Entry) -> tuple[int, str | None]:
         if isinstance(entry, Directory):

@@ -31,6 +31,7 @@ class Layer:
 # cowfs's own part of the workdir; the kernel's overlayfs uses work/ and index/ beside it.
 WORKDIR_SUBDIR = "cowfs"
 STAGING_DIR = "staging"   # half-made copy-ups, whiteouts and directories, renamed into place
+INDEX_DIR = "index"       # a link to the upper copy of each lower file with several names
 # The kernel's marker of an unclean volatile mount: its workdir must not be reused as it is.
 KERNEL_VOLATILE_MARKER = ("work", "incompat", "volatile")
 
@@ -41,10 +42,11 @@ class Workdir:
 
     path: str
     staging_fd: int          # O_PATH fd of WORKDIR/cowfs/staging
+    index_fd: int            # O_PATH fd of WORKDIR/cowfs/index
     lock_fds: list[int]      # flock()ed: the workdir and the upper belong to this mount alone
 
     def close(self) -> None:
-        for fd in (self.staging_fd, *self.lock_fds):
+        for fd in (self.staging_fd, self.index_fd, *self.lock_fds):
             os.close(fd)
 
 
@@ -180,12 +182,15 @@ def _open_workdir(workdir: str, upper: Layer) -> Workdir:
             log.info("sweeping what an earlier mount left in %s", staging)
             shutil.rmtree(staging)
         os.mkdir(staging, 0o700)
-        staging_fd = os.open(staging, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        os.makedirs(os.path.join(own, INDEX_DIR), mode=0o700, exist_ok=True)
+        flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        staging_fd = os.open(staging, flags)
+        index_fd = os.open(os.path.join(own, INDEX_DIR), flags)
     except BaseException:
         for fd in lock_fds:
             os.close(fd)
         raise
-    return Workdir(path=resolved, staging_fd=staging_fd, lock_fds=lock_fds)
+    return Workdir(path=resolved, staging_fd=staging_fd, index_fd=index_fd, lock_fds=lock_fds)
 
 
 def _open_layer(role: str, path: str, *, writable: bool) -> Layer:

@@ -29,8 +29,8 @@ DEFAULT_FD_BUDGET = 4096
 class Entry:
     """A visible name in the merged tree and where its topmost copy lives."""
 
-    __slots__ = ("__weakref__", "data", "has_lower", "layer", "metacopy", "name", "origin_ino",
-                 "parent", "removed", "stat")
+    __slots__ = ("__weakref__", "data", "has_lower", "index_name", "layer", "metacopy", "name",
+                 "origin_ino", "parent", "removed", "stat")
 
     def __init__(self, parent: "Directory | None", name: str, layer: int,
                  st: os.stat_result) -> None:
@@ -48,6 +48,9 @@ class Entry:
         # lower copy at `data` (layer, place), or lost (None: reading gives EIO, as the kernel).
         self.metacopy = False
         self.data: tuple[int, Place] | None = None
+        # A file of several names, one copied up: its name in the workdir's index of them.
+        # A lower name of it reads the indexed (upper) inode until it is copied up itself.
+        self.index_name: str | None = None
 
     @property
     def is_directory(self) -> bool:
@@ -56,6 +59,9 @@ class Entry:
     def location(self, fds: "DirectoryFds") -> tuple[int, str]:
         """(directory fd, name) of the topmost copy, for *at() calls."""
         assert self.parent is not None, "the root has no parent location"
+        if self.index_name is not None and self.layer != 0:
+            assert fds.stack.work is not None
+            return fds.stack.work.index_fd, self.index_name
         return fds.fd(self.parent, self.layer), self.name
 
 
@@ -385,7 +391,7 @@ def read_merged_names(fds: DirectoryFds, directory: Directory) -> list[str]:
 
 
 def stat_entry(fds: DirectoryFds, entry: Entry) -> os.stat_result:
-    """A fresh lstat of the entry's topmost copy."""
+    """A fresh lstat of the entry's topmost copy (for an indexed lower name: the upper one)."""
     if isinstance(entry, Directory):
         return os.stat(fds.fd(entry, entry.layer))
     directory_fd, name = entry.location(fds)

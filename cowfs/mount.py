@@ -128,10 +128,7 @@ class Operations(pyfuse3.Operations):
         attributes.entry_timeout = ENTRY_TIMEOUT_S
         attributes.attr_timeout = ATTR_TIMEOUT_S
         attributes.st_mode = pyfuse3.ModeT(st.st_mode)
-        # As the kernel's overlayfs: counting a merged directory's subdirectories is not worth
-        # it, and find(1) and friends take 1 as "unknown".
-        merged = isinstance(entry, Directory) and entry.is_merged
-        attributes.st_nlink = 1 if merged else st.st_nlink
+        attributes.st_nlink = st.st_nlink if entry.removed else self.union.link_count(entry, st)
         attributes.st_uid = st.st_uid
         attributes.st_gid = st.st_gid
         attributes.st_rdev = st.st_rdev

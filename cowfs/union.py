@@ -101,10 +101,13 @@ class Union:
         self._entries: weakref.WeakValueDictionary[tuple[Directory, str], Entry] = \
             weakref.WeakValueDictionary()
         self._copy_up: CopyUp | None = None
+        self.index_fd = None
         if stack.upper is not None:
             assert stack.work is not None, "an upper layer comes with a workdir"
             self.staging = Staging(stack.work.staging_fd)
-            self._copy_up = CopyUp(self.fds, self.staging, self.inode_number)
+            self.index_fd: int | None = stack.work.index_fd
+            self._copy_up = CopyUp(self.fds, self.staging, stack.work.index_fd,
+                                   self.inode_number)
 
     def close(self) -> None:
         self.fds.close_all()
@@ -129,13 +132,57 @@ class Union:
         if entry is not None:
             try:
                 entry.stat = self.stat(entry)
-                return entry
             except FileNotFoundError:        # changed behind cowfs's back: look again
                 del self._entries[(directory, name)]
+            else:
+                return entry
         entry = lookup.lookup(self.fds, directory, name, upper=self.upper)
         if entry is not None:
+            self._find_index(entry)
             self._entries[(directory, name)] = entry
         return entry
+
+    def _find_index(self, entry: Entry) -> None:
+        """A file of several names may have one copied up: all its names show that copy."""
+        if (self.index_fd is None or entry.index_name is not None or entry.is_directory
+                or entry.stat.st_nlink < 2):
+            return
+        number = entry.origin_ino if entry.layer == UPPER else self.numbers.number(entry.stat)
+        if number is None:
+            return
+        index_name = f"{number:x}"
+        try:
+            indexed = os.stat(index_name, dir_fd=self.index_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if entry.layer != UPPER or os.path.samestat(indexed, entry.stat):
+            entry.index_name = index_name
+            if entry.layer != UPPER:
+                entry.stat, entry.origin_ino = indexed, number
+
+    def link_count(self, entry: Entry, st: os.stat_result) -> int:
+        """st_nlink as the merged view counts names."""
+        if isinstance(entry, Directory):
+            # As the kernel's overlayfs: counting a merged directory's subdirectories is not
+            # worth it, and find(1) and friends take 1 as "unknown".
+            return 1 if entry.is_merged else st.st_nlink
+        if entry.index_name is not None and self.index_fd is not None:
+            count = whiteout.read_link_count(self.index_fd, entry.index_name)
+            if count is not None:
+                return count
+        return st.st_nlink
+
+    def _count_link(self, entry: Entry, change: int) -> None:
+        """Keep an indexed file's name count; the index entry goes with its last name."""
+        if entry.index_name is None or self.index_fd is None:
+            return
+        count = whiteout.read_link_count(self.index_fd, entry.index_name)
+        if count is None:
+            return
+        if count + change > 0:
+            whiteout.write_link_count(self.index_fd, entry.index_name, count + change)
+        else:
+            os.unlink(entry.index_name, dir_fd=self.index_fd)
 
     def resolve(self, path: str) -> Entry | None:
         """The entry at a /-separated path from the root (a convenience for library users)."""
@@ -170,14 +217,16 @@ class Union:
     # -- attributes and data ----------------------------------------------------------------
 
     def stat(self, entry: Entry) -> os.stat_result:
+        self._find_index(entry)
         return lookup.stat_entry(self.fds, entry)
 
     def open(self, entry: Entry, flags: int) -> int:
         """An fd on the entry's file; opening for writing copies the file up first."""
         if entry.is_directory:
             raise _error(errno.EISDIR, entry.name)
+        self._find_index(entry)
         if flags & _WRITE_ACCESS or flags & os.O_TRUNC:
-            self._writer().copy_up(entry)
+            self._copy_up_entry(entry)
         flags = (flags & ~_DROPPED_OPEN_FLAGS) | os.O_NOFOLLOW | os.O_CLOEXEC
         if entry.metacopy:
             return lookup.open_data(self.fds, entry, flags)
@@ -210,13 +259,13 @@ class Union:
     # -- changes ----------------------------------------------------------------------------
 
     def set_xattr(self, entry: Entry, attribute: str, value: bytes, flags: int = 0) -> None:
-        self._writer().copy_up(entry, data=False)
+        self._copy_up_entry(entry, data=False)
         directory_fd, name = self._xattr_target(entry)
         os.setxattr(_at.fd_path(directory_fd, name), whiteout.stored_xattr_name(attribute),
                     value, flags, follow_symlinks=name is None)
 
     def remove_xattr(self, entry: Entry, attribute: str) -> None:
-        self._writer().copy_up(entry, data=False)
+        self._copy_up_entry(entry, data=False)
         directory_fd, name = self._xattr_target(entry)
         os.removexattr(_at.fd_path(directory_fd, name), whiteout.stored_xattr_name(attribute),
                        follow_symlinks=name is None)
@@ -228,7 +277,7 @@ class Union:
 
         Only a truncate copies the data up; the rest is a metadata-only copy-up.
         """
-        self._writer().copy_up(entry, data=size is not None)
+        self._copy_up_entry(entry, data=size is not None)
         directory_fd, name = self._xattr_target(entry)
         path = _at.fd_path(directory_fd, name)
         follow = name is None
@@ -304,8 +353,7 @@ class Union:
         directory = self._directory(new_parent)
         if self.lookup(directory, new_name) is not None:
             raise _error(errno.EEXIST, new_name)
-        writer = self._writer()
-        writer.copy_up(entry)
+        self._copy_up_entry(entry)
         source_fd, source_name = entry.location(self.fds)
 
         def make(directory_fd: int, staged_name: str) -> None:
@@ -313,8 +361,11 @@ class Union:
                     follow_symlinks=False)
 
         self._place(directory, new_name, make, is_directory=False)
+        self._count_link(entry, +1)
         entry.stat = self.stat(entry)
-        return self._relookup(directory, new_name)
+        linked = self._relookup(directory, new_name)
+        linked.index_name = entry.index_name
+        return linked
 
     def unlink(self, parent: Entry, name: str) -> Entry:
         """Remove a non-directory name; a whiteout hides it if a lower layer has it."""
@@ -323,6 +374,7 @@ class Union:
         if entry.is_directory:
             raise _error(errno.EISDIR, name)
         self._remove(directory, entry)
+        self._count_link(entry, -1)
         return entry
 
     def rmdir(self, parent: Entry, name: str) -> Entry:
@@ -356,7 +408,7 @@ class Union:
             return None                   # two names of one file: nothing to do (POSIX)
         self._check_rename(source, target)
         writer = self._writer()
-        writer.copy_up(source)
+        self._copy_up_entry(source)
         source_parent_fd = writer.upper_directory(directory)
         target_parent_fd = writer.upper_directory(new_directory)
         covers_lower = target.has_lower if target is not None else \
@@ -371,11 +423,16 @@ class Union:
                             _libc.RENAME_WHITEOUT if source.has_lower else 0)
         if target is not None:
             self._forget(new_directory, target)
+            self._count_link(target, -1)
         self._move(source, new_directory, new_name, has_lower=covers_lower)
         log.debug("rename(%r, %r)", name, new_name)
         return target
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _copy_up_entry(self, entry: Entry, *, data: bool = True) -> None:
+        self._find_index(entry)      # another name of it may have been copied up meanwhile
+        self._writer().copy_up(entry, data=data)
 
     def _writer(self) -> CopyUp:
         if self._copy_up is None:
@@ -570,8 +627,8 @@ class Union:
     def _exchange(self, source: Entry, target: Entry) -> None:
         """RENAME_EXCHANGE: both names stay, each showing the other's entry."""
         writer = self._writer()
-        writer.copy_up(source)
-        writer.copy_up(target)
+        self._copy_up_entry(source)
+        self._copy_up_entry(target)
         assert source.parent is not None and target.parent is not None
         source_parent, target_parent = source.parent, target.parent
         source_name, target_name = source.name, target.name

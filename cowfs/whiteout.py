@@ -25,6 +25,7 @@ OPAQUE = "opaque"
 WHITEOUT = "whiteout"
 REDIRECT = "redirect"
 METACOPY = "metacopy"
+LINK_COUNT = "cowfs.nlink"   # the merged view's link count of an indexed file
 
 
 class Opacity(enum.Enum):
@@ -169,3 +170,16 @@ def set_opaque(dir_fd: int, name: str | None) -> None:
 def record_origin_ino(dir_fd: int, name: str | None, ino: int) -> None:
     os.setxattr(_at.fd_path(dir_fd, name), own_xattr_prefix() + ORIGIN_INO, str(ino).encode(),
                 follow_symlinks=name is None)
+
+
+def read_link_count(dir_fd: int, name: str) -> int | None:
+    value = read_overlay_xattr(dir_fd, name, LINK_COUNT)
+    try:
+        return int(value) if value else None
+    except ValueError:
+        return None
+
+
+def write_link_count(dir_fd: int, name: str, count: int) -> None:
+    os.setxattr(_at.fd_path(dir_fd, name), own_xattr_prefix() + LINK_COUNT, str(count).encode(),
+                follow_symlinks=False)

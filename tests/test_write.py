@@ -283,6 +283,31 @@ def test_hard_link_of_a_lower_file(stack: Stack) -> None:
         assert (stack.merged / "file").read_text().endswith("through the alias")
 
 
+def test_lower_hard_links_stay_linked_after_copy_up(stack: Stack) -> None:
+    (stack.bottom / "dir" / "one").write_text("shared")
+    os.link(stack.bottom / "dir" / "one", stack.bottom / "two")
+    with stack.mount() as mount:
+        with open(stack.merged / "dir" / "one", "a") as file:
+            file.write(" and changed")
+        one, two = stack.merged / "dir" / "one", stack.merged / "two"
+        assert two.read_text() == "shared and changed"
+        assert os.lstat(one).st_ino == os.lstat(two).st_ino
+        assert os.lstat(one).st_nlink == os.lstat(two).st_nlink == 2
+        mount.unmount()
+    with stack.mount() as mount:
+        one, two = stack.merged / "dir" / "one", stack.merged / "two"
+        assert two.read_text() == "shared and changed"
+        os.chmod(two, 0o600)                       # the second name joins the same inode
+        assert stat.S_IMODE(os.lstat(one).st_mode) == 0o600
+        assert os.lstat(one).st_ino == os.lstat(two).st_ino
+        os.unlink(one)
+        assert os.lstat(two).st_nlink == 1
+        mount.unmount()
+    assert os.lstat(stack.upper / "two").st_ino == os.lstat(stack.workdir / "cowfs" / "index" /
+                                                              os.listdir(stack.workdir / "cowfs" /
+                                                                         "index")[0]).st_ino
+
+
 def test_mknod_symlink_and_xattrs(stack: Stack) -> None:
     with stack.mount():
         os.mkfifo(stack.merged / "pipe", 0o600)
