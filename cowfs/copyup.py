@@ -6,13 +6,14 @@ Order matters: data first (writing data drops security.capability), then owner (
 setuid bits and capabilities), then xattrs, then mode, then times (every step above touches them).
 """
 
+import dataclasses
 import errno
 import fcntl
 import logging
 import os
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 
 from cowfs import _at, _libc, lookup, whiteout
 from cowfs.lookup import Directory, DirectoryFds, Entry
@@ -113,6 +114,23 @@ def copy_metadata(source_dir_fd: int, source_name: str | None, st: os.stat_resul
              follow_symlinks=False)
 
 
+@dataclasses.dataclass
+class DataCopy:
+    """The slow part of a copy-up, filling a file with data: it touches only its own two fds,
+    so a caller may run it in another thread while it serves other requests."""
+
+    source_fd: int
+    target_fd: int
+    size: int
+
+    def run(self) -> None:
+        copy_data(self.source_fd, self.target_fd, self.size)
+
+
+# A copy-up in steps: the generator yields each data copy for its caller to run, then goes on.
+CopyUpSteps = Generator[DataCopy, None, None]
+
+
 class CopyUp:
     """Copies entries up through *staging*; *inode_number* gives the number to keep."""
 
@@ -131,7 +149,9 @@ class CopyUp:
         parent_fd = self.upper_directory(directory.parent)
         existing = _lstat_or_none(parent_fd, directory.name)
         if existing is None or not stat.S_ISDIR(existing.st_mode):
-            self._stage_and_place(directory, parent_fd, self._stage_directory)
+            for _ in self._stage_and_place(directory, self._stage_directory):
+                raise AssertionError("a directory has no data to copy")
+            parent_fd = self.upper_directory(directory.parent)
         fd = os.open(directory.name, _at.DIR_PATH_FLAGS, dir_fd=parent_fd)
         directory.stat = os.fstat(fd)
         directory.has_lower = True
@@ -165,7 +185,12 @@ class CopyUp:
             return place
         return (*self.layer_path(directory.parent, layer), place)
 
-    def copy_up(self, entry: Entry, *, data: bool = True) -> None:
+    def needs_copy_up(self, entry: Entry, *, data: bool = True) -> bool:
+        if isinstance(entry, Directory):
+            return entry.layers[0] != UPPER
+        return entry.layer != UPPER or (data and entry.metacopy)
+
+    def copy_up_steps(self, entry: Entry, *, data: bool = True) -> CopyUpSteps:
         """Give an entry an upper copy; without *data*, a metadata-only one where it can.
 
         A metadata-only copy (the kernel's metacopy) of a regular file is a sparse file of the
@@ -178,30 +203,31 @@ class CopyUp:
             return
         if entry.layer == UPPER:
             if data and entry.metacopy:
-                self._copy_up_data(entry)
+                yield from self._copy_up_data(entry)
             return
         assert entry.parent is not None
-        parent_fd = self.upper_directory(entry.parent)
         if entry.index_name is not None:
             # Another name of this file is up already: this name becomes a link to it.
+            parent_fd = self.upper_directory(entry.parent)
             os.link(entry.index_name, entry.name, src_dir_fd=self.index_fd, dst_dir_fd=parent_fd,
                     follow_symlinks=False)
-            entry.layer = UPPER
-            entry.stat = os.stat(entry.name, dir_fd=parent_fd, follow_symlinks=False)
-            entry.has_lower = True
+            self._now_upper(entry, parent_fd)
             return
         metadata_only = (not data and stat.S_ISREG(entry.stat.st_mode)
                          and entry.stat.st_nlink == 1)
         lower_layer = entry.layer
-        self._stage_and_place(entry, parent_fd,
-                              self._stage_metacopy if metadata_only else self._stage_file)
-        entry.layer = UPPER
-        entry.stat = os.stat(entry.name, dir_fd=parent_fd, follow_symlinks=False)
-        entry.has_lower = True
+        yield from self._stage_and_place(
+            entry, self._stage_metacopy if metadata_only else self._stage_file)
+        self._now_upper(entry, self.upper_directory(entry.parent))
         if metadata_only:
             entry.metacopy, entry.data = True, (lower_layer, entry.name)
 
-    def _copy_up_data(self, entry: Entry) -> None:
+    def _now_upper(self, entry: Entry, parent_fd: int) -> None:
+        entry.layer = UPPER
+        entry.stat = os.stat(entry.name, dir_fd=parent_fd, follow_symlinks=False)
+        entry.has_lower = True
+
+    def _copy_up_data(self, entry: Entry) -> CopyUpSteps:
         """Fill a metadata-only upper copy with its data, then drop the metacopy mark.
 
         Until the mark goes, readers use the lower data: a crash half-way changes nothing.
@@ -215,11 +241,12 @@ class CopyUp:
             target = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                              dir_fd=directory_fd)
             try:
-                copy_data(source, target, st.st_size)
+                yield DataCopy(source, target, st.st_size)
             finally:
                 os.close(target)
         finally:
             os.close(source)
+        directory_fd, name = entry.location(self.fds)   # the fd may have been recycled
         if capability is not None:
             os.setxattr(_at.fd_path(directory_fd, name), _CAPABILITY, capability,
                         follow_symlinks=False)
@@ -229,21 +256,26 @@ class CopyUp:
         entry.metacopy, entry.data = False, None
         log.debug("copied up the data of %r", name)
 
-    def _stage_and_place(self, entry: Entry, parent_fd: int,
-                         stage: Callable[[Entry, os.stat_result, str], None]) -> None:
+    def _stage_and_place(self, entry: Entry,
+                         stage: Callable[[Entry, os.stat_result, str], CopyUpSteps]
+                         ) -> CopyUpSteps:
         """Make the copy in staging, then rename it into the upper parent in one step."""
+        assert entry.parent is not None
         source_dir_fd, source_name = self._source(entry)
         st = os.stat(source_name, dir_fd=source_dir_fd, follow_symlinks=False) \
             if source_name is not None else os.stat(source_dir_fd)
         origin_ino = self.inode_number(entry)
-        parent_times = os.stat(parent_fd)
         staged = self.staging.new_name()
         try:
-            stage(entry, st, staged)
+            yield from stage(entry, st, staged)
+            # Directory fds may have been recycled while the data was copied: fetch them anew.
+            source_dir_fd, source_name = self._source(entry)
             copy_metadata(source_dir_fd, source_name, st, self.staging.fd, staged)
             whiteout.record_origin_ino(self.staging.fd, staged, origin_ino)
             if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
                 self._index(staged, origin_ino, st.st_nlink, entry)
+            parent_fd = self.upper_directory(entry.parent)
+            parent_times = os.stat(parent_fd)
             _libc.renameat2(self.staging.fd, staged, parent_fd, entry.name,
                             _libc.RENAME_NOREPLACE)
         except BaseException:
@@ -271,7 +303,7 @@ class CopyUp:
             return self.fds.fd(entry, entry.layer), None
         return entry.location(self.fds)
 
-    def _stage_metacopy(self, entry: Entry, st: os.stat_result, staged: str) -> None:
+    def _stage_metacopy(self, entry: Entry, st: os.stat_result, staged: str) -> CopyUpSteps:
         target = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
                          dir_fd=self.staging.fd)
         try:
@@ -279,11 +311,13 @@ class CopyUp:
         finally:
             os.close(target)
         whiteout.set_metacopy(self.staging.fd, staged)
+        yield from ()
 
-    def _stage_directory(self, entry: Entry, st: os.stat_result, staged: str) -> None:
+    def _stage_directory(self, entry: Entry, st: os.stat_result, staged: str) -> CopyUpSteps:
         os.mkdir(staged, 0o700, dir_fd=self.staging.fd)
+        yield from ()
 
-    def _stage_file(self, entry: Entry, st: os.stat_result, staged: str) -> None:
+    def _stage_file(self, entry: Entry, st: os.stat_result, staged: str) -> CopyUpSteps:
         source_dir_fd, source_name = entry.location(self.fds)
         mode = st.st_mode
         if stat.S_ISREG(mode):
@@ -293,7 +327,7 @@ class CopyUp:
                 target = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                                  0o600, dir_fd=self.staging.fd)
                 try:
-                    copy_data(source, target, st.st_size)
+                    yield DataCopy(source, target, st.st_size)
                 finally:
                     os.close(target)
             finally:

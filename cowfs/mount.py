@@ -5,6 +5,7 @@ DESIGN.md §6). The kernel is asked to cache everything for long: only cowfs cha
 serves, so nothing it caches goes stale behind its back.
 """
 
+import contextlib
 import errno
 import functools
 import logging
@@ -30,6 +31,9 @@ ATTR_TIMEOUT_S = 300.0
 BLOCK_SIZE = 128 * 1024
 # The kernel asks for reads this large when read-ahead allows (DESIGN.md §6).
 READ_AHEAD_KB = 1024
+# A copy-up with more data than this runs in a worker thread: a thread hop costs ~0.2 ms, far
+# less than copying this much, and other requests are served meanwhile.
+THREADED_COPY_BYTES = 1 << 20
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -116,6 +120,8 @@ class Operations(pyfuse3.Operations):
         self._directory_handles: dict[int, DirectoryHandle] = {}
         self._file_handles: dict[int, FileHandle] = {}
         self._next_handle = 1
+        # Entries whose copy-up is under way, and the event set when it is done.
+        self._copying: dict[Entry, trio.Event] = {}
 
     # -- attributes -------------------------------------------------------------------------
 
@@ -162,6 +168,29 @@ class Operations(pyfuse3.Operations):
         self._next_handle += 1
         return handle_id
 
+    async def _copy_up(self, entry: Entry, *, data: bool = True) -> None:
+        """Copy *entry* up unless done; one copy-up per entry at a time, big data in a thread."""
+        await self._settle(entry)
+        if not self.union.writable or not self.union.needs_copy_up(entry, data=data):
+            return
+        done = self._copying[entry] = trio.Event()
+        try:
+            with contextlib.closing(self.union.copy_up_steps(entry, data=data)) as steps:
+                for job in steps:
+                    if job.size >= THREADED_COPY_BYTES:
+                        await trio.to_thread.run_sync(job.run)
+                    else:
+                        job.run()
+        finally:
+            del self._copying[entry]
+            done.set()
+
+    async def _settle(self, *entries: Entry | None) -> None:
+        """Wait until no copy-up of *entries* is under way: nothing else may change them."""
+        for entry in entries:
+            while entry is not None and (done := self._copying.get(entry)) is not None:
+                await done.wait()
+
     def _pin_before_removal(self, parent: Entry, name: str) -> None:
         """A name about to go: the kernel may still stat its node (open files, hard links)."""
         entry = self.union.lookup(parent, name)
@@ -204,6 +233,8 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: pyfuse3.InodeT, flags: int,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         entry = self.nodes.get(inode).entry
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            await self._copy_up(entry)
         fd = self.union.open(entry, flags)
         handle_id = self._new_handle()
         self._file_handles[handle_id] = FileHandle(entry, fd, flags)
@@ -353,6 +384,7 @@ class Operations(pyfuse3.Operations):
                       fields: pyfuse3.SetattrFields, fh: pyfuse3.FileHandleT | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.nodes.get(inode)
+        await self._copy_up(node.entry, data=fields.update_size)
         handle = self._file_handles.get(fh) if fh is not None else None
         st = self.union.setattr(
             node.entry,
@@ -392,6 +424,7 @@ class Operations(pyfuse3.Operations):
                    new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.nodes.get(inode)
         parent = self._directory_node(new_parent_inode)
+        await self._copy_up(node.entry)
         entry = self.union.link(node.entry, parent.entry, os.fsdecode(new_name))
         return self._reply_entry(entry)
 
@@ -399,6 +432,7 @@ class Operations(pyfuse3.Operations):
     async def unlink(self, parent_inode: pyfuse3.InodeT, name: bytes,
                      ctx: pyfuse3.RequestContext) -> None:
         parent = self._directory_node(parent_inode)
+        await self._settle(self.union.lookup(parent.entry, os.fsdecode(name)))
         self._pin_before_removal(parent.entry, os.fsdecode(name))
         self.union.unlink(parent.entry, os.fsdecode(name))
 
@@ -414,6 +448,10 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> None:
         old_parent = self._directory_node(parent_inode_old)
         new_parent = self._directory_node(parent_inode_new)
+        source = self.union.lookup(old_parent.entry, os.fsdecode(name_old))
+        if source is not None:
+            await self._copy_up(source)
+        await self._settle(self.union.lookup(new_parent.entry, os.fsdecode(name_new)))
         if not flags & pyfuse3.RENAME_EXCHANGE:
             self._pin_before_removal(new_parent.entry, os.fsdecode(name_new))
         self.union.rename(old_parent.entry, os.fsdecode(name_old), new_parent.entry,
@@ -422,13 +460,17 @@ class Operations(pyfuse3.Operations):
     @replies_errno
     async def setxattr(self, inode: pyfuse3.InodeT, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
-        self.union.set_xattr(self.nodes.get(inode).entry, os.fsdecode(name), value)
+        entry = self.nodes.get(inode).entry
+        await self._copy_up(entry, data=False)
+        self.union.set_xattr(entry, os.fsdecode(name), value)
 
     @replies_errno
     async def removexattr(self, inode: pyfuse3.InodeT, name: bytes,
                           ctx: pyfuse3.RequestContext) -> None:
+        entry = self.nodes.get(inode).entry
+        await self._copy_up(entry, data=False)
         try:
-            self.union.remove_xattr(self.nodes.get(inode).entry, os.fsdecode(name))
+            self.union.remove_xattr(entry, os.fsdecode(name))
         except OSError as exc:
             if exc.errno == errno.ENODATA:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
@@ -444,8 +486,13 @@ def fuse_options(*, readonly: bool, fsname: str = "cowfs") -> set[str]:
     return options
 
 
-async def _terminate_on_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+async def _terminate_on_signal(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                               ) -> None:
+    with trio.open_signal_receiver(*TERMINATING_SIGNALS) as signals:
+        task_status.started()
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
             pyfuse3.terminate()
@@ -470,12 +517,15 @@ def mount(operations: Operations, mountpoint: str, options: set[str]) -> None:
     raise_read_ahead(mountpoint)
 
 
-async def serve() -> None:
+async def serve(early_signals: list[int]) -> None:
     """Answer requests until unmounted or signalled, then unmount."""
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_terminate_on_signal)
-            await pyfuse3.main()
+            await nursery.start(_terminate_on_signal)
+            if early_signals:
+                log.info("signal %d before serving: unmounting", early_signals[0])
+            else:
+                await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:
         pyfuse3.close(unmount=True)
@@ -484,7 +534,14 @@ async def serve() -> None:
 
 def run(operations: Operations, mountpoint: str, options: set[str],
         on_mounted: Callable[[], Any] = lambda: None) -> None:
-    """Mount, report readiness through *on_mounted*, serve until unmounted."""
+    """Mount, report readiness through *on_mounted*, serve until unmounted.
+
+    A signal that comes once the mount exists but before trio listens is remembered, so it
+    still unmounts cleanly instead of killing the daemon over a live mount.
+    """
+    early_signals: list[int] = []
+    for signum in TERMINATING_SIGNALS:
+        signal.signal(signum, lambda signum, _frame: early_signals.append(signum))
     mount(operations, mountpoint, options)
     on_mounted()
-    trio.run(serve)
+    trio.run(serve, early_signals)

@@ -9,6 +9,7 @@ moves it to its new name). So the FUSE inode table, open handles and child entri
 stale copy of the same name.
 """
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -18,7 +19,7 @@ import weakref
 from collections.abc import Callable
 
 from cowfs import _at, _libc, lookup, whiteout
-from cowfs.copyup import UPPER, CopyUp, Staging
+from cowfs.copyup import UPPER, CopyUp, CopyUpSteps, Staging
 from cowfs.layers import LayerStack
 from cowfs.lookup import Directory, DirectoryFds, Entry
 
@@ -431,8 +432,21 @@ class Union:
     # -- helpers ----------------------------------------------------------------------------
 
     def _copy_up_entry(self, entry: Entry, *, data: bool = True) -> None:
+        with contextlib.closing(self.copy_up_steps(entry, data=data)) as steps:
+            for job in steps:
+                job.run()
+
+    def needs_copy_up(self, entry: Entry, *, data: bool = True) -> bool:
+        return self._writer().needs_copy_up(entry, data=data)
+
+    def copy_up_steps(self, entry: Entry, *, data: bool = True) -> CopyUpSteps:
+        """Copy *entry* up, yielding each data copy for the caller to run (in a thread, say).
+
+        Meanwhile the caller must not let anything else change *entry* (other entries may
+        change). A failure thrown in, or closing the steps early, removes the half-made copy.
+        """
         self._find_index(entry)      # another name of it may have been copied up meanwhile
-        self._writer().copy_up(entry, data=data)
+        return self._writer().copy_up_steps(entry, data=data)
 
     def _writer(self) -> CopyUp:
         if self._copy_up is None:

@@ -2,9 +2,12 @@
 
 import contextlib
 import errno
+import mmap
 import os
 import stat
 import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -452,3 +455,41 @@ def test_cowfs_follows_the_kernels_redirects(stack: Stack) -> None:
         seen = tree(stack.merged)
     with stack.mount():
         assert tree(stack.merged) == seen
+
+
+def test_concurrent_writers_share_one_copy_up(stack: Stack) -> None:
+    """Threads and processes write to one big lower file at once: one copy-up, all writes kept."""
+    size = 64 * MIB
+    with open(stack.bottom / "big", "wb") as file:
+        file.write(b"L" * size)
+    region = size // 8
+    with stack.mount():
+        path = stack.merged / "big"
+        with open(path, "rb") as reader, \
+                mmap.mmap(reader.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+            script = ("import os, sys; fd = os.open(sys.argv[1], os.O_WRONLY);"
+                      "os.pwrite(fd, sys.argv[2].encode() * int(sys.argv[3]), int(sys.argv[4]))")
+            processes = [subprocess.Popen([sys.executable, "-c", script, str(path), str(index),
+                                           str(4096), str(index * region)])
+                         for index in range(4)]
+
+            def write(index: int) -> None:
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    os.pwrite(fd, str(index).encode() * 4096, index * region)
+                finally:
+                    os.close(fd)
+
+            threads = [threading.Thread(target=write, args=(index,)) for index in range(4, 8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            for process in processes:
+                assert process.wait(timeout=60) == 0
+            for index in range(8):
+                start = index * region
+                assert mapped[start:start + 4096] == str(index).encode() * 4096
+                assert mapped[start + 4096:start + 8192] == b"L" * 4096
+    assert os.listdir(stack.workdir / "cowfs" / "staging") == []
+    assert os.lstat(stack.upper / "big").st_size == size
