@@ -42,8 +42,28 @@ class Stack:
                              extra=("--workdir", str(self.workdir), *extra))
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Stack:
+@contextlib.contextmanager
+def dropping_caches() -> Iterator[None]:
+    """Make the kernel forget inodes and dentries all the time, so it asks cowfs again."""
+    stop = threading.Event()
+
+    def drop() -> None:
+        while not stop.is_set():
+            Path("/proc/sys/vm/drop_caches").write_text("3")
+            stop.wait(0.005)
+
+    dropper = threading.Thread(target=drop, daemon=True)
+    dropper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        dropper.join()
+
+
+@pytest.fixture(params=["cached", "dropping-caches"])
+def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
+    """Every write test runs twice: once more while the kernel keeps forgetting inodes."""
     stack = Stack(tmp_path)
     (stack.bottom / "file").write_text("lower data\n")
     os.chmod(stack.bottom / "file", 0o640)
@@ -57,7 +77,10 @@ def stack(tmp_path: Path) -> Stack:
     (stack.top / "dir" / "upper-inner").write_text("top inner")
     (stack.bottom / "link").symlink_to("file")
     os.mkfifo(stack.bottom / "fifo")
-    return stack
+    os.mknod(stack.bottom / "socket", stat.S_IFSOCK | 0o644)
+    os.mknod(stack.bottom / "zero", stat.S_IFCHR | 0o666, os.makedev(1, 5))
+    with dropping_caches() if request.param == "dropping-caches" else contextlib.nullcontext():
+        yield stack
 
 
 def is_whiteout(path: Path) -> bool:
@@ -194,7 +217,7 @@ def test_unlink_leaves_a_whiteout_only_where_a_lower_has_the_name(stack: Stack) 
         os.unlink(stack.merged / "new")
         os.unlink(stack.merged / "file")
         os.unlink(stack.merged / "link")
-        assert sorted(os.listdir(stack.merged)) == ["dir", "fifo"]
+        assert sorted(os.listdir(stack.merged)) == ["dir", "fifo", "socket", "zero"]
         with pytest.raises(FileNotFoundError):
             os.unlink(stack.merged / "file")
         with pytest.raises(IsADirectoryError):
@@ -338,6 +361,8 @@ def change_everything(merged: Path) -> None:
     os.unlink(merged / "dir" / "inner")
     os.unlink(merged / "link")
     os.rename(merged / "fifo", merged / "pipe")
+    os.chown(merged / "socket", 11, 12)
+    os.chmod(merged / "zero", 0o600)
     os.chmod(merged / "dir", 0o700)
     os.setxattr(merged / "created", "user.color", b"red")
 
@@ -371,7 +396,8 @@ def test_staging_debris_is_swept_at_mount(stack: Stack) -> None:
     (debris / "#half-made").write_text("from a crash")
     with stack.mount():
         assert os.listdir(debris) == []
-        assert sorted(os.listdir(stack.merged)) == ["dir", "fifo", "file", "link"]
+        assert sorted(os.listdir(stack.merged)) == ["dir", "fifo", "file", "link", "socket",
+                                                   "zero"]
 
 
 def run_mount(*arguments: str) -> subprocess.CompletedProcess[str]:
