@@ -30,8 +30,15 @@ class Node:
         self.pinned_fd: int | None = None
 
     def pin(self, union: Union) -> None:
-        """Keep the entry's file reachable after its name goes (unlink, rename over it)."""
-        if self.pinned_fd is not None or isinstance(self.entry, Directory):
+        """Keep the entry's file reachable after its name goes (unlink, rmdir, rename over it).
+
+        It also keeps the inode allocated, so the upper filesystem cannot give its number to a
+        new file while the kernel still knows this node by it.
+        """
+        if self.pinned_fd is not None:
+            return
+        if isinstance(self.entry, Directory):
+            self.pinned_fd = os.dup(union.fds.fd(self.entry, self.entry.layer))
             return
         directory_fd, name = self.entry.location(union.fds)
         self.pinned_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,

@@ -440,6 +440,7 @@ class Operations(pyfuse3.Operations):
     async def rmdir(self, parent_inode: pyfuse3.InodeT, name: bytes,
                     ctx: pyfuse3.RequestContext) -> None:
         parent = self._directory_node(parent_inode)
+        self._pin_before_removal(parent.entry, os.fsdecode(name))
         self.union.rmdir(parent.entry, os.fsdecode(name))
 
     @replies_errno
