@@ -222,6 +222,12 @@ class CopyUp:
         if metadata_only:
             entry.metacopy, entry.data = True, (lower_layer, entry.name)
 
+    def drop_metacopy(self, entry: Entry) -> None:
+        """A metadata-only copy that was truncated to nothing has all its data: unmark it."""
+        directory_fd, name = entry.location(self.fds)
+        whiteout.clear_metacopy(directory_fd, name)
+        entry.metacopy, entry.data = False, None
+
     def _now_upper(self, entry: Entry, parent_fd: int) -> None:
         entry.layer = UPPER
         entry.stat = os.stat(entry.name, dir_fd=parent_fd, follow_symlinks=False)

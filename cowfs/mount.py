@@ -234,7 +234,7 @@ class Operations(pyfuse3.Operations):
                    ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         entry = self.nodes.get(inode).entry
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
-            await self._copy_up(entry)
+            await self._copy_up(entry, data=not flags & os.O_TRUNC)
         fd = self.union.open(entry, flags)
         handle_id = self._new_handle()
         self._file_handles[handle_id] = FileHandle(entry, fd, flags)
@@ -384,7 +384,7 @@ class Operations(pyfuse3.Operations):
                       fields: pyfuse3.SetattrFields, fh: pyfuse3.FileHandleT | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.nodes.get(inode)
-        await self._copy_up(node.entry, data=fields.update_size)
+        await self._copy_up(node.entry, data=fields.update_size and attr.st_size > 0)
         handle = self._file_handles.get(fh) if fh is not None else None
         st = self.union.setattr(
             node.entry,

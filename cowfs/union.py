@@ -222,17 +222,24 @@ class Union:
         return lookup.stat_entry(self.fds, entry)
 
     def open(self, entry: Entry, flags: int) -> int:
-        """An fd on the entry's file; opening for writing copies the file up first."""
+        """An fd on the entry's file; opening for writing copies the file up first.
+
+        O_TRUNC copies no data: the data it would throw away is never copied.
+        """
         if entry.is_directory:
             raise _error(errno.EISDIR, entry.name)
         self._find_index(entry)
-        if flags & _WRITE_ACCESS or flags & os.O_TRUNC:
-            self._copy_up_entry(entry)
+        truncating = bool(flags & os.O_TRUNC)
+        if flags & _WRITE_ACCESS or truncating:
+            self._copy_up_entry(entry, data=not truncating)
         flags = (flags & ~_DROPPED_OPEN_FLAGS) | os.O_NOFOLLOW | os.O_CLOEXEC
-        if entry.metacopy:
+        if entry.metacopy and not truncating:
             return lookup.open_data(self.fds, entry, flags)
         directory_fd, name = entry.location(self.fds)
-        return os.open(name, flags, dir_fd=directory_fd)
+        fd = os.open(name, flags, dir_fd=directory_fd)
+        if entry.metacopy:
+            self._writer().drop_metacopy(entry)   # truncated: no lower data is wanted any more
+        return fd
 
     def readlink(self, entry: Entry) -> str:
         if entry.is_directory:
@@ -276,9 +283,10 @@ class Union:
                 mtime_ns: int | None = None, fd: int | None = None) -> os.stat_result:
         """chmod, chown, truncate and utimes in one call, on the entry's upper copy.
 
-        Only a truncate copies the data up; the rest is a metadata-only copy-up.
+        Only a truncate to a non-zero size copies the data up; the rest is a metadata-only
+        copy-up.
         """
-        self._copy_up_entry(entry, data=size is not None)
+        self._copy_up_entry(entry, data=bool(size))
         directory_fd, name = self._xattr_target(entry)
         path = _at.fd_path(directory_fd, name)
         follow = name is None
@@ -291,6 +299,8 @@ class Union:
             os.chmod(path, stat.S_IMODE(mode))
         if size is not None:
             self._truncate(entry, size, fd)
+            if entry.metacopy:
+                self._writer().drop_metacopy(entry)
         if atime_ns is not None or mtime_ns is not None:
             current = self.stat(entry)
             os.utime(path, ns=(current.st_atime_ns if atime_ns is None else atime_ns,

@@ -186,6 +186,20 @@ def test_metadata_changes_copy_no_data_until_the_first_write(stack: Stack) -> No
     assert (stack.upper / "big").read_bytes()[:4] == b"newb"
 
 
+def test_truncating_opens_copy_no_data(stack: Stack) -> None:
+    (stack.bottom / "big").write_bytes(b"b" * (8 * MIB))
+    (stack.bottom / "other").write_bytes(b"o" * (8 * MIB))
+    with stack.mount():
+        with open(stack.merged / "big", "wb") as file:        # O_TRUNC
+            file.write(b"small")
+        os.truncate(stack.merged / "other", 0)
+        assert (stack.merged / "big").read_bytes() == b"small"
+        assert (stack.merged / "other").read_bytes() == b""
+        for name in ("big", "other"):
+            assert os.lstat(stack.upper / name).st_blocks * 512 <= 8192
+            assert "trusted.overlay.metacopy" not in os.listxattr(stack.upper / name)
+
+
 def test_a_reader_follows_the_copy_up(stack: Stack) -> None:
     with stack.mount(), open(stack.merged / "file", "rb") as reader:
         os.chmod(stack.merged / "file", 0o644)          # metadata only
