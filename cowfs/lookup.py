@@ -303,6 +303,8 @@ def lookup(fds: DirectoryFds, parent: Directory, name: str, *,
                 xwhiteouts.add(layer)
             elif opacity is Opacity.OPAQUE:
                 break
+            if whiteout.is_oci_whiteout_present(directory_fd, search_name):
+                break      # OCI: `.wh.NAME` beside NAME hides only the layers below
             redirect = parse_redirect(whiteout.read_overlay_xattr(fd, None, whiteout.REDIRECT))
             if redirect is not None:
                 search.place = redirect
