@@ -33,7 +33,8 @@ EXIT_CODES_HELP = f"""exit status:
 """
 
 # Options of `-o` that cowfs understands; value None means a flag.
-KNOWN_OPTIONS = {"nonempty": None, "ro": None, "fsname": "NAME", "workdir": "DIR"}
+KNOWN_OPTIONS = {"nonempty": None, "ro": None, "fsname": "NAME", "workdir": "DIR",
+                 "userxattr": None}
 # Accepted for compatibility and ignored: cowfs always mounts this way.
 ALWAYS_ON_OPTIONS = {"default_permissions", "allow_other", "rw", "dev", "suid", "exec"}
 
@@ -81,7 +82,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     mount.add_argument("layers", nargs="+", metavar="PATHS",
                        help="the lower layers, then the upper layer if any, then the mount point")
     mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
-                       help="comma-separated: nonempty, ro, fsname=NAME, workdir=DIR")
+                       help="comma-separated: nonempty, ro, fsname=NAME, workdir=DIR, userxattr "
+                            "(write user.overlay.* xattrs, as unprivileged mounts do)")
     mount.add_argument("--workdir", metavar="DIR",
                        help="where changes are prepared, on the upper's filesystem "
                             "(default: .UPPER.cowfs-work beside UPPER)")
@@ -137,7 +139,7 @@ def command_mount(arguments: argparse.Namespace) -> int:
     workdir = arguments.workdir or options.get("workdir")
     if workdir is not None and upper is None:
         raise CliError("a workdir needs an upper layer")
-    stack = open_stack(lowers, upper, workdir)
+    stack = open_stack(lowers, upper, workdir, userxattr="userxattr" in options)
     try:
         mountpoint = check_mountpoint(stack, mountpoint,
                                              nonempty="nonempty" in options)

@@ -134,9 +134,10 @@ CopyUpSteps = Generator[DataCopy, None, None]
 class CopyUp:
     """Copies entries up through *staging*; *inode_number* gives the number to keep."""
 
-    def __init__(self, fds: DirectoryFds, staging: Staging, index_fd: int,
+    def __init__(self, fds: DirectoryFds, staging: Staging, index_fd: int, marks: whiteout.Marks,
                  inode_number: Callable[[Entry], int]) -> None:
         self.fds = fds
+        self.marks = marks
         self.staging = staging
         self.index_fd = index_fd
         self.inode_number = inode_number
@@ -171,8 +172,7 @@ class CopyUp:
             return
         places = {layer: self.layer_path(directory, layer) for layer in lower_layers}
         value = "/" + "/".join(places[lower_layers[0]])
-        os.setxattr(_at.fd_path(self.fds.fd(directory, UPPER)),
-                    whiteout.own_xattr_prefix() + whiteout.REDIRECT, os.fsencode(value))
+        self.marks.set_redirect(self.fds.fd(directory, UPPER), None, value)
         directory.places.update(places)
         log.debug("redirect %r -> %s", directory.name, value)
 
@@ -225,7 +225,7 @@ class CopyUp:
     def drop_metacopy(self, entry: Entry) -> None:
         """A metadata-only copy that was truncated to nothing has all its data: unmark it."""
         directory_fd, name = entry.location(self.fds)
-        whiteout.clear_metacopy(directory_fd, name)
+        self.marks.clear_metacopy(directory_fd, name)
         entry.metacopy, entry.data = False, None
 
     def _now_upper(self, entry: Entry, parent_fd: int) -> None:
@@ -256,7 +256,7 @@ class CopyUp:
         if capability is not None:
             os.setxattr(_at.fd_path(directory_fd, name), _CAPABILITY, capability,
                         follow_symlinks=False)
-        whiteout.clear_metacopy(directory_fd, name)
+        self.marks.clear_metacopy(directory_fd, name)
         os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=directory_fd,
                  follow_symlinks=False)
         entry.metacopy, entry.data = False, None
@@ -277,7 +277,7 @@ class CopyUp:
             # Directory fds may have been recycled while the data was copied: fetch them anew.
             source_dir_fd, source_name = self._source(entry)
             copy_metadata(source_dir_fd, source_name, st, self.staging.fd, staged)
-            whiteout.record_origin_ino(self.staging.fd, staged, origin_ino)
+            self.marks.record_origin_ino(self.staging.fd, staged, origin_ino)
             if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
                 self._index(staged, origin_ino, st.st_nlink, entry)
             parent_fd = self.upper_directory(entry.parent)
@@ -299,7 +299,7 @@ class CopyUp:
         they stay linked. The index entry counts the merged view's names of the file.
         """
         index_name = f"{origin_ino:x}"
-        whiteout.write_link_count(self.staging.fd, staged, link_count)
+        self.marks.write_link_count(self.staging.fd, staged, link_count)
         os.link(staged, index_name, src_dir_fd=self.staging.fd, dst_dir_fd=self.index_fd,
                 follow_symlinks=False)
         entry.index_name = index_name
@@ -316,7 +316,7 @@ class CopyUp:
             os.ftruncate(target, st.st_size)
         finally:
             os.close(target)
-        whiteout.set_metacopy(self.staging.fd, staged)
+        self.marks.set_metacopy(self.staging.fd, staged)
         yield from ()
 
     def _stage_directory(self, entry: Entry, st: os.stat_result, staged: str) -> CopyUpSteps:

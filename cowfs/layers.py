@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 
-from cowfs import _at
+from cowfs import _at, whiteout
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class LayerStack:
     layers: list[Layer]
     upper: Layer | None
     work: Workdir | None = None
+    # Where overlay xattrs are written: `trusted.overlay.` or `user.overlay.` (userxattr).
+    xattr_prefix: str = dataclasses.field(default_factory=whiteout.default_xattr_prefix)
 
     @property
     def lowers(self) -> list[Layer]:
@@ -107,7 +109,7 @@ def default_workdir(upper: str) -> str:
 
 
 def open_stack(lowers: list[str], upper: str | None = None,
-               workdir: str | None = None) -> LayerStack:
+               workdir: str | None = None, *, userxattr: bool = False) -> LayerStack:
     """Open and validate a stack; raises LayoutError naming the first problem found.
 
     With an upper, the workdir (created when missing) is locked for this stack alone and its
@@ -121,6 +123,8 @@ def open_stack(lowers: list[str], upper: str | None = None,
         ("lower layer", path) for path in lowers
     ]
     stack = LayerStack(layers=[], upper=None)
+    if userxattr:
+        stack.xattr_prefix = whiteout.OVERLAY_XATTR_PREFIXES[1]
     try:
         for role, path in named:
             stack.layers.append(_open_layer(role, path, writable=role == "upper layer"))

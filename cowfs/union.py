@@ -107,7 +107,8 @@ class Union:
             assert stack.work is not None, "an upper layer comes with a workdir"
             self.staging = Staging(stack.work.staging_fd)
             self.index_fd: int | None = stack.work.index_fd
-            self._copy_up = CopyUp(self.fds, self.staging, stack.work.index_fd,
+            self.marks = whiteout.Marks(stack.xattr_prefix)
+            self._copy_up = CopyUp(self.fds, self.staging, stack.work.index_fd, self.marks,
                                    self.inode_number)
 
     def close(self) -> None:
@@ -181,7 +182,7 @@ class Union:
         if count is None:
             return
         if count + change > 0:
-            whiteout.write_link_count(self.index_fd, entry.index_name, count + change)
+            self.marks.write_link_count(self.index_fd, entry.index_name, count + change)
         else:
             os.unlink(entry.index_name, dir_fd=self.index_fd)
 
@@ -553,7 +554,7 @@ class Union:
         try:
             make(self.staging.fd, staged)
             if opaque:
-                whiteout.set_opaque(self.staging.fd, staged)
+                self.marks.set_opaque(self.staging.fd, staged)
             if over_whiteout and is_directory:
                 _libc.renameat2(self.staging.fd, staged, directory_fd, name,
                                 _libc.RENAME_EXCHANGE)
@@ -628,7 +629,7 @@ class Union:
         if any(layer != UPPER for layer in directory.layers):
             writer.redirect(directory)
         elif covers_lower:
-            whiteout.set_opaque(self.fds.fd(directory, UPPER), None)
+            self.marks.set_opaque(self.fds.fd(directory, UPPER), None)
 
     def _rename_over_directory(self, source: Entry, source_parent_fd: int,
                                target_parent_fd: int, new_name: str) -> None:

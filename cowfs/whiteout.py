@@ -124,11 +124,6 @@ def stored_xattr_name(attribute: str) -> str:
 ORIGIN_INO = "cowfs.ino"
 
 
-def own_xattr_prefix() -> str:
-    """Where cowfs writes overlay xattrs: `trusted.` as root, as the kernel does; `user.` else."""
-    return OVERLAY_XATTR_PREFIXES[0] if os.geteuid() == 0 else OVERLAY_XATTR_PREFIXES[1]
-
-
 def read_origin_ino(dir_fd: int, name: str | None) -> int | None:
     """The inode number recorded at copy-up in an upper copy, if any."""
     value = read_overlay_xattr(dir_fd, name, ORIGIN_INO)
@@ -143,33 +138,9 @@ def is_metacopy(dir_fd: int, name: str) -> bool:
     return read_overlay_xattr(dir_fd, name, METACOPY) is not None
 
 
-def set_metacopy(dir_fd: int, name: str) -> None:
-    os.setxattr(_at.fd_path(dir_fd, name), own_xattr_prefix() + METACOPY, b"",
-                follow_symlinks=False)
-
-
-def clear_metacopy(dir_fd: int, name: str) -> None:
-    for attribute in (own_xattr_prefix() + METACOPY, own_xattr_prefix() + REDIRECT):
-        try:
-            os.removexattr(_at.fd_path(dir_fd, name), attribute, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno != errno.ENODATA:
-                raise
-
-
 def make_whiteout(dir_fd: int, name: str) -> None:
     """A character device 0/0: the one whiteout dialect every overlay reader knows."""
     os.mknod(name, stat.S_IFCHR | 0o000, 0, dir_fd=dir_fd)
-
-
-def set_opaque(dir_fd: int, name: str | None) -> None:
-    os.setxattr(_at.fd_path(dir_fd, name), own_xattr_prefix() + OPAQUE, b"y",
-                follow_symlinks=name is None)
-
-
-def record_origin_ino(dir_fd: int, name: str | None, ino: int) -> None:
-    os.setxattr(_at.fd_path(dir_fd, name), own_xattr_prefix() + ORIGIN_INO, str(ino).encode(),
-                follow_symlinks=name is None)
 
 
 def read_link_count(dir_fd: int, name: str) -> int | None:
@@ -180,6 +151,47 @@ def read_link_count(dir_fd: int, name: str) -> int | None:
         return None
 
 
-def write_link_count(dir_fd: int, name: str, count: int) -> None:
-    os.setxattr(_at.fd_path(dir_fd, name), own_xattr_prefix() + LINK_COUNT, str(count).encode(),
-                follow_symlinks=False)
+def default_xattr_prefix() -> str:
+    """`trusted.overlay.` as root, as the kernel; `user.overlay.` (its `userxattr`) otherwise."""
+    return OVERLAY_XATTR_PREFIXES[0] if os.geteuid() == 0 else OVERLAY_XATTR_PREFIXES[1]
+
+
+class Marks:
+    """Writes overlay's xattrs under one prefix, `trusted.overlay.` or `user.overlay.`.
+
+    Readers accept both; a stack writes one. With `user.` the kernel (which then needs its
+    `userxattr` option) cannot follow redirects or read metacopies, but no privilege is needed.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def _set(self, dir_fd: int, name: str | None, key: str, value: bytes) -> None:
+        os.setxattr(_at.fd_path(dir_fd, name), self.prefix + key, value,
+                    follow_symlinks=name is None)
+
+    def set_opaque(self, dir_fd: int, name: str | None) -> None:
+        self._set(dir_fd, name, OPAQUE, b"y")
+
+    def set_redirect(self, dir_fd: int, name: str | None, path: str) -> None:
+        self._set(dir_fd, name, REDIRECT, os.fsencode(path))
+
+    def set_metacopy(self, dir_fd: int, name: str) -> None:
+        self._set(dir_fd, name, METACOPY, b"")
+
+    def clear_metacopy(self, dir_fd: int, name: str) -> None:
+        """Drop the metacopy mark, and the redirect that pointed at the data."""
+        for key in (METACOPY, REDIRECT):
+            for prefix in OVERLAY_XATTR_PREFIXES:
+                try:
+                    os.removexattr(_at.fd_path(dir_fd, name), prefix + key,
+                                   follow_symlinks=False)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                        raise
+
+    def record_origin_ino(self, dir_fd: int, name: str | None, ino: int) -> None:
+        self._set(dir_fd, name, ORIGIN_INO, str(ino).encode())
+
+    def write_link_count(self, dir_fd: int, name: str, count: int) -> None:
+        self._set(dir_fd, name, LINK_COUNT, str(count).encode())

@@ -476,6 +476,7 @@ def test_rename_of_a_lower_directory_writes_a_redirect(stack: Stack) -> None:
         seen = tree(stack.merged)
         mount.unmount()
     assert os.getxattr(stack.upper / "other" / "moved", "trusted.overlay.redirect") == b"/dir"
+    assert os.listdir(stack.upper / "other" / "moved") == [], "no file data was copied"
     assert is_whiteout(stack.upper / "dir")
     assert not os.path.lexists(stack.upper / "renamed"), "no whiteout where no lower had it"
     with kernel_overlay(stack.lowers, stack.upper, stack.merged):
@@ -533,3 +534,19 @@ def test_concurrent_writers_share_one_copy_up(stack: Stack) -> None:
                 assert mapped[start + 4096:start + 8192] == b"L" * 4096
     assert os.listdir(stack.workdir / "cowfs" / "staging") == []
     assert os.lstat(stack.upper / "big").st_size == size
+
+
+def test_userxattr_mode_writes_user_overlay_xattrs(stack: Stack) -> None:
+    """As an unprivileged mount would: `user.overlay.*`, hidden like the trusted ones."""
+    with stack.mount("-o", "userxattr") as mount:
+        os.chmod(stack.merged / "file", 0o600)              # metadata only
+        os.mkdir(stack.merged / "made")                     # opaque: the root is merged
+        assert sorted(os.listxattr(stack.merged / "file")) == ["trusted.kept", "user.kept"]
+        mount.unmount()
+    upper_xattrs = set(os.listxattr(stack.upper / "file"))
+    assert {"user.overlay.metacopy", "user.overlay.cowfs.ino"} <= upper_xattrs
+    assert not any(name.startswith("trusted.overlay.") for name in upper_xattrs)
+    assert os.getxattr(stack.upper / "made", "user.overlay.opaque") == b"y"
+    with stack.mount():
+        assert (stack.merged / "file").read_text() == "lower data\n"
+        assert stat.S_IMODE(os.lstat(stack.merged / "file").st_mode) == 0o600
