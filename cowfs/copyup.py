@@ -25,6 +25,7 @@ _CHUNK_BYTES = 1 << 20
 # copy_file_range cannot serve these (old kernels, cross-filesystem, special files).
 _NO_COPY_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
 _CAPABILITY = "security.capability"
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NO_CLONE = {errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EBADF}
 
 
@@ -242,16 +243,11 @@ class CopyUp:
         directory_fd, name = entry.location(self.fds)
         st = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
         capability = _at.get_xattr(directory_fd, name, _CAPABILITY)
-        source = lookup.open_data(self.fds, entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            target = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             dir_fd=directory_fd)
-            try:
-                yield DataCopy(source, target, st.st_size)
-            finally:
-                os.close(target)
-        finally:
-            os.close(source)
+        yield from _data_copy(
+            lookup.open_data(self.fds, entry, _READ_FLAGS),
+            lambda: os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                            dir_fd=directory_fd),
+            st.st_size)
         directory_fd, name = entry.location(self.fds)   # the fd may have been recycled
         if capability is not None:
             os.setxattr(_at.fd_path(directory_fd, name), _CAPABILITY, capability,
@@ -327,22 +323,31 @@ class CopyUp:
         source_dir_fd, source_name = entry.location(self.fds)
         mode = st.st_mode
         if stat.S_ISREG(mode):
-            source = os.open(source_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             dir_fd=source_dir_fd)
-            try:
-                target = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                                 0o600, dir_fd=self.staging.fd)
-                try:
-                    yield DataCopy(source, target, st.st_size)
-                finally:
-                    os.close(target)
-            finally:
-                os.close(source)
+            yield from _data_copy(
+                os.open(source_name, _READ_FLAGS, dir_fd=source_dir_fd),
+                lambda: os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                0o600, dir_fd=self.staging.fd),
+                st.st_size)
         elif stat.S_ISLNK(mode):
             os.symlink(os.readlink(source_name, dir_fd=source_dir_fd), staged,
                        dir_fd=self.staging.fd)
         else:
             os.mknod(staged, mode, st.st_rdev, dir_fd=self.staging.fd)
+
+
+def _data_copy(source: int, open_target: Callable[[], int], size: int) -> CopyUpSteps:
+    """Yield the copy of *size* bytes from *source* into the file *open_target* opens.
+
+    Both fds are closed afterwards, however the caller ends the steps.
+    """
+    try:
+        target = open_target()
+        try:
+            yield DataCopy(source, target, size)
+        finally:
+            os.close(target)
+    finally:
+        os.close(source)
 
 
 def _lstat_or_none(dir_fd: int, name: str) -> os.stat_result | None:
