@@ -92,3 +92,33 @@ def wait_for_partial_copy(staging: Path, size: int) -> bool:
                 return False
         time.sleep(0.0005)
     return False
+
+
+def test_a_read_error_fails_the_copy_up_and_changes_nothing(layer_dirs) -> None:
+    """A lower file whose data cannot be read (EIO) is not copied up, not even in part.
+
+    The failing lower layer is itself a cowfs mount serving a metadata-only copy whose data is
+    gone: its metadata reads fine, its data gives EIO, as the kernel's overlayfs does.
+    """
+    inner_lower, inner_upper, inner, upper, merged = layer_dirs(
+        "inner-lower", "inner-upper", "inner", "upper", "merged")
+    with open(inner_upper / "unreadable", "wb") as file:
+        file.truncate(MIB)
+    os.setxattr(inner_upper / "unreadable", "trusted.overlay.metacopy", b"")
+    (inner_lower / "fine").write_text("fine")
+    workdir = upper.parent / "work"
+    with mounted_cowfs([inner_lower], inner, upper=inner_upper,
+                       extra=("--workdir", str(upper.parent / "inner-work"))):
+        with pytest.raises(OSError) as caught:
+            (inner / "unreadable").read_bytes()
+        assert caught.value.errno == errno.EIO
+        with mounted_cowfs([inner], merged, upper=upper, extra=("--workdir", str(workdir))):
+            with pytest.raises(OSError) as caught, open(merged / "unreadable", "ab") as file:
+                file.write(b"!")
+            assert caught.value.errno == errno.EIO
+            assert os.lstat(merged / "unreadable").st_size == MIB
+            assert os.listdir(upper) == []
+            assert os.listdir(workdir / "cowfs" / "staging") == []
+            with open(merged / "fine", "a") as file:          # other files still copy up
+                file.write(" and more")
+            assert (merged / "fine").read_text() == "fine and more"
