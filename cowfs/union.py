@@ -140,27 +140,44 @@ class Union:
                 return entry
         entry = lookup.lookup(self.fds, directory, name, upper=self.upper)
         if entry is not None:
+            self._check_indexed_copy(entry)
             self._find_index(entry)
             self._entries[(directory, name)] = entry
         return entry
 
+    def _check_indexed_copy(self, entry: Entry) -> None:
+        """An upper copy of a file with several lower names keeps their number only while
+        the index ties those names to it; without the index (a new workdir) they are separate
+        files again, as under the kernel, and the copy gets a number of its own."""
+        if entry.layer != UPPER or entry.is_directory or entry.origin_ino is None:
+            return
+        directory_fd, name = entry.location(self.fds)
+        if whiteout.read_link_count(directory_fd, name) is None:
+            return                   # the lower file had one name: nothing to tie
+        index_name = f"{entry.origin_ino:x}"
+        try:
+            indexed = os.stat(index_name, dir_fd=self.index_fd, follow_symlinks=False) \
+                if self.index_fd is not None else None
+        except FileNotFoundError:
+            indexed = None
+        if indexed is not None and os.path.samestat(indexed, entry.stat):
+            entry.index_name = index_name
+        else:
+            entry.origin_ino = None
+
     def _find_index(self, entry: Entry) -> None:
-        """A file of several names may have one copied up: all its names show that copy."""
+        """A lower file of several names may have one copied up: its names show that copy."""
         if (self.index_fd is None or entry.index_name is not None or entry.is_directory
-                or entry.stat.st_nlink < 2):
+                or entry.layer == UPPER or entry.stat.st_nlink < 2):
             return
-        number = entry.origin_ino if entry.layer == UPPER else self.numbers.number(entry.stat)
-        if number is None:
-            return
+        number = self.numbers.number(entry.stat)
         index_name = f"{number:x}"
         try:
             indexed = os.stat(index_name, dir_fd=self.index_fd, follow_symlinks=False)
         except FileNotFoundError:
             return
-        if entry.layer != UPPER or os.path.samestat(indexed, entry.stat):
-            entry.index_name = index_name
-            if entry.layer != UPPER:
-                entry.stat, entry.origin_ino = indexed, number
+        entry.index_name = index_name
+        entry.stat, entry.origin_ino = indexed, number
 
     def link_count(self, entry: Entry, st: os.stat_result) -> int:
         """st_nlink as the merged view counts names."""
@@ -385,6 +402,9 @@ class Union:
         entry = self._existing(directory, name)
         if entry.is_directory:
             raise _error(errno.EISDIR, name)
+        if entry.layer != UPPER and entry.stat.st_nlink > 1 and self.index_fd is not None:
+            # Its other names must see one name fewer: the index keeps the count.
+            self._copy_up_entry(entry)
         self._remove(directory, entry)
         self._count_link(entry, -1)
         return entry

@@ -1,0 +1,678 @@
+"""The write oracle's parts: small layer stacks, random file operations, tree snapshots.
+
+test_write_oracle.py applies the same operations through two mounts of identical stacks (the
+kernel's overlayfs and cowfs) and compares every call's result and the whole merged tree after
+every step. Everything here is plain data and plain syscalls by path, so the two sides cannot
+differ by anything but the filesystem under them.
+"""
+
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import errno
+import hashlib
+import os
+import stat
+import subprocess
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from conftest import unmount_quietly
+from hypothesis import strategies as st
+from layer_model import (
+    USER_XATTRS,
+    Dir,
+    Fifo,
+    File,
+    HardLink,
+    Node,
+    Opacity,
+    Stack,
+    Symlink,
+    Whiteout,
+    XattrWhiteout,
+    write_stack,
+)
+
+# -- stacks: 2-3 small lower layers whose names collide ---------------------------------------
+
+# Per directory level, the (min, max) names a directory draws its children from. Small pools
+# make the same path turn up in several layers as different things.
+POOL_SIZES = ((3, 5), (1, 3), (1, 2))
+# Spaces and colons (the lowerdir separator), a comma (the option separator), non-ASCII.
+LOWER_NAMES = ("a", "b", "a b", "c:d", "x:y z", " lead", "e,f", "ü", "d", "f")
+# Names no lower layer has: the operations add them beside the pool names.
+FRESH_NAMES = ("new", "n:w x")
+SYMLINK_TARGETS = ("/etc/passwd", "nowhere", "../a", "a b", "c:d/x", ".")
+OWNERS = (0, 1000, 65534)
+INTERESTING_MODES = (0o644, 0o755, 0o600, 0o444, 0o000, 0o4755, 0o2755, 0o6711, 0o1777)
+
+# COWFS_WRITE_ORACLE_LOWER_HARD_LINKS=0 leaves them out of the stacks, so that a difference
+# there does not hide all others while it is being fixed (test_lower_hard_links_stay_one_inode
+# still covers them).
+LOWER_HARD_LINKS = os.environ.get("COWFS_WRITE_ORACLE_LOWER_HARD_LINKS", "1") != "0"
+
+# Every lower entry gets an mtime before this (deterministic, from its path), and so does
+# every utime the operations make; nothing a filesystem stamps by itself is this old. An mtime
+# this old on either side must be the same on the other: copy-up keeps it, a change replaces it.
+DISTINCT_MTIME_BEFORE_NS = 946_684_800 * 10**9   # 2000-01-01
+
+modes = st.one_of(st.sampled_from(INTERESTING_MODES), st.integers(0, 0o7777))
+directory_modes = st.one_of(st.just(0o755), modes)
+owners = st.sampled_from(OWNERS)
+xattr_maps = st.dictionaries(st.sampled_from(USER_XATTRS), st.binary(max_size=6), max_size=2)
+contents = st.one_of(
+    st.binary(max_size=24),
+    # Over a page: copy-up and writes cross page boundaries.
+    st.tuples(st.binary(min_size=1, max_size=4), st.integers(1100, 2500)).map(
+        lambda pattern_count: pattern_count[0] * pattern_count[1]),
+)
+
+
+@st.composite
+def _leaf(draw: st.DrawFn, kind: str) -> Node:
+    match kind:
+        case "file":
+            return File(draw(contents), draw(modes), draw(owners), draw(owners),
+                        draw(xattr_maps))
+        case "symlink":
+            return Symlink(draw(st.sampled_from(SYMLINK_TARGETS)), draw(owners), draw(owners))
+        case "fifo":
+            return Fifo(draw(modes), draw(owners), draw(owners))
+        case "whiteout":
+            return Whiteout()
+        case "xattr whiteout":
+            return XattrWhiteout()
+    raise ValueError(kind)
+
+
+@st.composite
+def _directory(draw: st.DrawFn, pools: list[list[str]], depth: int,
+               opacities: list[Opacity]) -> Dir:
+    directory = Dir(draw(directory_modes), draw(owners), draw(owners), draw(xattr_maps),
+                    draw(st.sampled_from(opacities)))
+    # Weighted by repetition: mostly files and directories (which merge across layers).
+    kinds = ["file", "file", "file", "symlink", "fifo", "whiteout", "whiteout"]
+    if depth + 1 < len(POOL_SIZES):
+        kinds += ["dir"] * (5 if depth == 0 else 3)
+    if directory.opaque == "x":
+        kinds.append("xattr whiteout")
+    # A layer root has at least three entries: a near-empty stack is seldom worth a sequence.
+    for name in draw(st.lists(st.sampled_from(pools[depth]), unique=True,
+                              min_size=3 if depth == 0 else 0)):
+        kind = draw(st.sampled_from(kinds))
+        if kind == "dir":
+            directory.children[name] = draw(
+                _directory(pools, depth + 1, ["", "", "", "", "y", "y", "x"]))
+        else:
+            directory.children[name] = draw(_leaf(kind))
+    return directory
+
+
+def _walk(directory: Dir, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Node]]:
+    yield path, directory
+    for name, node in directory.children.items():
+        if isinstance(node, Dir):
+            yield from _walk(node, (*path, name))
+        else:
+            yield (*path, name), node
+
+
+@st.composite
+def _layer(draw: st.DrawFn, pools: list[list[str]]) -> Dir:
+    # The kernel ignores opaque=y on a layer root, so a root is never marked so.
+    root = draw(_directory(pools, 0, ["", "", "x"]))
+    entries = list(_walk(root))
+    files = ["/".join(path) for path, node in entries if isinstance(node, File)]
+    directories = [(path, node) for path, node in entries if isinstance(node, Dir)]
+    # A hard link in one layer of five; none is the simplest (hypothesis shrinks towards 0).
+    if files and draw(st.integers(0, 4)) == 4:
+        target = draw(st.sampled_from(files))
+        path, directory = draw(st.sampled_from(directories))
+        free = [name for name in pools[len(path)] if name not in directory.children]
+        if free:
+            name = draw(st.sampled_from(free))
+            # Turned off, the same choices are drawn: saved examples still replay.
+            if LOWER_HARD_LINKS:
+                directory.children[name] = HardLink(target)
+    return root
+
+
+@dataclasses.dataclass
+class WriteStack:
+    """The lower layers (top first) and the names the operations pick from."""
+
+    lowers: Stack
+    names: list[str]
+
+    def __repr__(self) -> str:
+        return self.lowers.describe()
+
+    def _repr_pretty_(self, printer: object, cycle: bool) -> None:
+        printer.text("\n" + self.lowers.describe())  # type: ignore[attr-defined]
+
+
+@st.composite
+def write_stacks(draw: st.DrawFn) -> WriteStack:
+    """2 or 3 lower layers over the same small pools of names."""
+    pools = [draw(st.lists(st.sampled_from(LOWER_NAMES), min_size=low, max_size=high,
+                           unique=True)) for low, high in POOL_SIZES]
+    count = draw(st.integers(2, 3))
+    lowers = Stack("kernel", [draw(_layer(pools)) for _ in range(count)])
+    names = list(dict.fromkeys(name for pool in pools for name in pool))
+    return WriteStack(lowers, names + [name for name in FRESH_NAMES if name not in names])
+
+
+def has_lower_hard_links(stack: WriteStack) -> bool:
+    return any(isinstance(node, HardLink)
+               for root in stack.lowers.layers for _, node in _walk(root))
+
+
+def lower_mtime_ns(layer: int, relative: str) -> int:
+    """A distinct old mtime for each lower entry, the same for both copies of a stack."""
+    seed = zlib.crc32(f"{layer}/{relative}".encode())
+    return 500_000_000 * 10**9 + seed * 10**6 + seed % 10**6
+
+
+def build_lowers(stack: WriteStack, base: Path) -> list[Path]:
+    """Write the lower layers under *base* (top first), every entry with a distinct old mtime.
+
+    Called once per side: both sides get the same stack, char-device whiteouts and
+    trusted.overlay.* xattrs included, which copying a built tree would not preserve.
+    """
+    base.mkdir()
+    layers = []
+    for index, path in enumerate(write_stack(stack.lowers, base)):
+        # Layer paths with a colon (lowerdir's separator), a comma and a space: both mount
+        # commands must escape them.
+        layers.append(path.rename(path.with_name(f"layer {index}:a,b")))
+    for index, layer in enumerate(layers):
+        paths = [os.path.join(directory, name)
+                 for directory, subdirectories, files in os.walk(layer)
+                 for name in [*subdirectories, *files]]
+        # Deepest first (making the entries stamped their directory), in an order that does
+        # not depend on readdir, since hard links share one mtime.
+        for path in sorted(paths, key=lambda path: (-path.count("/"), path)):
+            mtime = lower_mtime_ns(index, os.path.relpath(path, layer))
+            os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
+    return layers
+
+
+# -- mounting the kernel's overlayfs with an upper ----------------------------------------------
+
+
+def escape_layer_path(path: Path) -> str:
+    return str(path).replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+
+@contextlib.contextmanager
+def mounted_kernel_overlay(lowers: list[Path], upper: Path, workdir: Path, merged: Path, *,
+                           metacopy: bool = False) -> Iterator[Path]:
+    """The kernel's writable overlayfs; always unmounted (umount, then umount -l).
+
+    redirect_dir=on: a lower directory can be renamed (else EXDEV).
+
+    index=on: two names of one lower inode stay one inode after either is copied up, as cowfs
+    keeps them (DESIGN.md, inode numbers). With index=off the kernel copies up the name written
+    through and leaves the other on the lower inode, which a FUSE filesystem cannot copy: its
+    node is the inode, and a write names no path. The index changes nothing else (a sequence
+    without lower hard links is the same with index=off), but it lives in the workdir: the
+    upper alone then no longer holds a copied-up lower hard link's other names.
+
+    metacopy=off to write: the kernel with metacopy=on stamps a file's mtime when it copies up
+    the data of a metadata-only copy (opening it for write, even with nothing written), which
+    a full copy-up does not; the view is otherwise the same. *metacopy* to read an upper that
+    cowfs wrote: it copies only metadata up for chmod, chown and the like (DESIGN.md, speed),
+    and the kernel refuses such a file (EPERM) unless mounted with metacopy=on.
+    """
+    options = ",".join([
+        "lowerdir=" + ":".join(escape_layer_path(path) for path in lowers),
+        f"upperdir={escape_layer_path(upper)}",
+        f"workdir={escape_layer_path(workdir)}",
+        "redirect_dir=on", "index=on", f"metacopy={'on' if metacopy else 'off'}",
+    ])
+    result = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(merged)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"mount -t overlay -o {options} {merged}: {result.stderr.strip()}")
+    try:
+        yield merged
+    finally:
+        unmount_quietly(merged)
+
+
+# -- the merged tree as seen through the VFS -----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Seen:
+    """One entry of a mounted tree: what must be the same on both sides.
+
+    Not compared: st_ino and st_dev, atime and ctime, directory sizes and link counts (all
+    legitimately differ). mtime only when one side shows a distinct old stamp (see above).
+    """
+
+    mode: int
+    uid: int
+    gid: int
+    size: int | None               # not of directories
+    nlink: int | None              # not of directories
+    mtime_ns: int
+    content: bytes | None          # regular files
+    target: str | None             # symlinks
+    xattrs: tuple[tuple[str, bytes], ...]   # user.* only, sorted
+
+    @property
+    def is_directory(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+    @property
+    def is_regular(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+
+Tree = dict[str, Seen]
+
+
+def read_all(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def user_xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
+    names = sorted(name for name in os.listxattr(path, follow_symlinks=False)
+                   if name.startswith("user."))
+    return tuple((name, os.getxattr(path, name, follow_symlinks=False)) for name in names)
+
+
+def snapshot(root: Path) -> tuple[Tree, list[str]]:
+    """Every entry under *root* by "/"-joined path ("" is the root), and the names readdir
+    listed that a lookup then did not find.
+
+    The kernel lists the whiteouts of a directory that exists in one layer only, and a
+    whiteout in an upper directory with nothing below it, yet its lookup of those names fails:
+    they are not in its tree. Symlinks are never followed; fifos are never opened.
+    """
+    tree: Tree = {}
+    vanished: list[str] = []
+    pending = [""]
+    while pending:
+        relative = pending.pop()
+        path = os.path.join(root, relative) if relative else str(root)
+        try:
+            st_ = os.lstat(path)
+        except FileNotFoundError:
+            vanished.append(relative)
+            continue
+        is_directory = stat.S_ISDIR(st_.st_mode)
+        tree[relative] = Seen(
+            mode=st_.st_mode, uid=st_.st_uid, gid=st_.st_gid,
+            size=None if is_directory else st_.st_size,
+            nlink=None if is_directory else st_.st_nlink,
+            mtime_ns=st_.st_mtime_ns,
+            content=read_all(path) if stat.S_ISREG(st_.st_mode) else None,
+            target=os.readlink(path) if stat.S_ISLNK(st_.st_mode) else None,
+            xattrs=user_xattrs(path),
+        )
+        if is_directory:
+            pending.extend(f"{relative}/{name}" if relative else name
+                           for name in os.listdir(path))
+    return tree, sorted(vanished)
+
+
+def show(value: object) -> str:
+    """A short form of a value for a failure message: long bytes as length and digest."""
+    if isinstance(value, bytes) and len(value) > 48:
+        return f"<{len(value)} bytes {value[:16]!r}... sha1 {hashlib.sha1(value).hexdigest()[:10]}>"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(show(item) for item in value) + ")"
+    return repr(value)
+
+
+def tree_differences(expected: Tree, actual: Tree, *, expected_name: str,
+                     actual_name: str) -> list[tuple[str, str]]:
+    """(path, line) for each path missing, extra, or with a field that differs."""
+    found = []
+    for path in sorted(expected.keys() - actual.keys()):
+        found.append((path, f"{path!r}: missing in {actual_name}: {expected_name} shows "
+                            f"{expected[path]}"))
+    for path in sorted(actual.keys() - expected.keys()):
+        found.append((path, f"{path!r}: only {actual_name} shows it: {actual[path]}"))
+    for path in sorted(expected.keys() & actual.keys()):
+        want, got = expected[path], actual[path]
+        for field in dataclasses.fields(Seen):
+            if field.name == "mtime_ns" and (
+                    want.mtime_ns >= DISTINCT_MTIME_BEFORE_NS
+                    and got.mtime_ns >= DISTINCT_MTIME_BEFORE_NS):
+                continue
+            want_value, got_value = getattr(want, field.name), getattr(got, field.name)
+            if want_value != got_value:
+                if field.name == "mode":
+                    want_value, got_value = f"{want_value:#o}", f"{got_value:#o}"
+                else:
+                    want_value, got_value = show(want_value), show(got_value)
+                found.append((path, f"{path!r}: {field.name}: {expected_name} {want_value}, "
+                                    f"{actual_name} {got_value}"))
+    return found
+
+
+# -- operations ---------------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                            ctypes.c_uint]
+_libc.renameat2.restype = ctypes.c_int
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_FLAGS = {0: "0", RENAME_NOREPLACE: "NOREPLACE", RENAME_EXCHANGE: "EXCHANGE"}
+
+
+def renameat2(old: str, new: str, flags: int) -> None:
+    if _libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) == -1:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error), old)
+
+
+# Every open: never follow a symlink out of the mount, never block on a fifo.
+OPEN_SAFE = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+OPEN_FLAG_NAMES = {os.O_EXCL: "O_EXCL", os.O_TRUNC: "O_TRUNC", os.O_APPEND: "O_APPEND", 0: "0"}
+XATTR_FLAG_NAMES = {0: "0", os.XATTR_CREATE: "XATTR_CREATE", os.XATTR_REPLACE: "XATTR_REPLACE"}
+
+
+def _write_all(fd: int, data: bytes, offset: int | None = None) -> int:
+    written = 0
+    while written < len(data):
+        chunk = data[written:]
+        count = (os.write(fd, chunk) if offset is None
+                 else os.pwrite(fd, chunk, offset + written))
+        if count == 0:
+            break
+        written += count
+    return written
+
+
+def op_stat(root: str, path: str) -> object:
+    """lstat(2): a lookup after the changes (a stale cached entry or attribute shows here)."""
+    st_ = os.lstat(os.path.join(root, path))
+    is_directory = stat.S_ISDIR(st_.st_mode)
+    return (f"{st_.st_mode:#o}", st_.st_uid, st_.st_gid,
+            None if is_directory else st_.st_size, None if is_directory else st_.st_nlink)
+
+
+def op_create(root: str, path: str, flags: int, mode: int, data: bytes) -> object:
+    """open(O_CREAT | flags), write, close."""
+    fd = os.open(os.path.join(root, path), os.O_WRONLY | os.O_CREAT | OPEN_SAFE | flags, mode)
+    try:
+        return _write_all(fd, data)
+    finally:
+        os.close(fd)
+
+
+def op_write(root: str, path: str, flags: int, offset: int | None, data: bytes,
+             sync: bool, read_back: bool) -> object:
+    """open an existing name for write (O_TRUNC, O_APPEND, or pwrite at *offset*), write,
+    fsync maybe, read the whole file back through the same fd maybe (regular files only)."""
+    access = os.O_RDWR if read_back else os.O_WRONLY
+    fd = os.open(os.path.join(root, path), access | OPEN_SAFE | flags)
+    try:
+        results: list[object] = [_write_all(fd, data, offset)]
+        if sync:
+            os.fsync(fd)
+        if read_back:
+            results.append(os.pread(fd, 1 << 20, 0))
+        return tuple(results)
+    finally:
+        os.close(fd)
+
+
+def op_ftruncate(root: str, path: str, size: int) -> object:
+    fd = os.open(os.path.join(root, path), os.O_WRONLY | OPEN_SAFE)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+    return None
+
+
+def op_truncate(root: str, path: str, size: int) -> object:
+    """truncate(2) by path: it follows symlinks, so it is only drawn for non-symlinks."""
+    os.truncate(os.path.join(root, path), size)
+    return None
+
+
+def op_chmod(root: str, path: str, mode: int) -> object:
+    """chmod(2) follows symlinks (and Linux has no lchmod): only drawn for non-symlinks."""
+    os.chmod(os.path.join(root, path), mode)
+    return None
+
+
+def op_chown(root: str, path: str, uid: int, gid: int) -> object:
+    os.chown(os.path.join(root, path), uid, gid, follow_symlinks=False)
+    return None
+
+
+def op_utime(root: str, path: str, times_ns: tuple[int, int] | None) -> object:
+    """utime(2) with both stamps to the ns, or None: now."""
+    if times_ns is None:
+        os.utime(os.path.join(root, path), follow_symlinks=False)
+    else:
+        os.utime(os.path.join(root, path), ns=times_ns, follow_symlinks=False)
+    return None
+
+
+def op_mknod(root: str, path: str, mode: int) -> object:
+    os.mknod(os.path.join(root, path), stat.S_IFIFO | mode)
+    return None
+
+
+def op_mkdir(root: str, path: str, mode: int) -> object:
+    os.mkdir(os.path.join(root, path), mode)
+    return None
+
+
+def op_symlink(root: str, target: str, path: str) -> object:
+    os.symlink(target, os.path.join(root, path))
+    return None
+
+
+def op_link(root: str, source: str, path: str) -> object:
+    os.link(os.path.join(root, source), os.path.join(root, path), follow_symlinks=False)
+    return None
+
+
+def op_unlink(root: str, path: str) -> object:
+    os.unlink(os.path.join(root, path))
+    return None
+
+
+def op_rmdir(root: str, path: str) -> object:
+    os.rmdir(os.path.join(root, path))
+    return None
+
+
+def op_rename(root: str, source: str, path: str, flags: int) -> object:
+    renameat2(os.path.join(root, source), os.path.join(root, path), flags)
+    return None
+
+
+def op_setxattr(root: str, path: str, attribute: str, value: bytes, flags: int) -> object:
+    os.setxattr(os.path.join(root, path), attribute, value, flags, follow_symlinks=False)
+    return None
+
+
+def op_removexattr(root: str, path: str, attribute: str) -> object:
+    os.removexattr(os.path.join(root, path), attribute, follow_symlinks=False)
+    return None
+
+
+OPERATIONS: dict[str, Callable[..., object]] = {
+    "stat": op_stat, "create": op_create, "write": op_write, "ftruncate": op_ftruncate,
+    "truncate": op_truncate, "chmod": op_chmod, "chown": op_chown, "utime": op_utime,
+    "mknod": op_mknod, "mkdir": op_mkdir, "symlink": op_symlink, "link": op_link,
+    "unlink": op_unlink, "rmdir": op_rmdir, "rename": op_rename, "setxattr": op_setxattr,
+    "removexattr": op_removexattr,
+}
+
+
+def _show_argument(name: str, value: object) -> str:
+    if name == "flags" and isinstance(value, int):
+        return OPEN_FLAG_NAMES.get(value, f"{value:#x}")
+    if name == "mode" and isinstance(value, int):
+        return f"{value:#o}"
+    return show(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Operation:
+    """One call, by path relative to the mount root, as the failure report shows it."""
+
+    name: str
+    arguments: tuple[object, ...]
+
+    def __repr__(self) -> str:
+        if self.name == "rename":
+            source, path, flags = self.arguments
+            return f"rename({source!r}, {path!r}, {RENAME_FLAGS[flags]})"  # type: ignore[index]
+        if self.name == "setxattr":
+            path, attribute, value, flags = self.arguments
+            return (f"setxattr({path!r}, {attribute!r}, {show(value)}, "
+                    f"{XATTR_FLAG_NAMES[flags]})")  # type: ignore[index]
+        function = OPERATIONS[self.name]
+        names = function.__code__.co_varnames[1:function.__code__.co_argcount]
+        shown = ", ".join(_show_argument(name, value)
+                          for name, value in zip(names, self.arguments, strict=True))
+        return f"{self.name}({shown})"
+
+    def _repr_pretty_(self, printer: object, cycle: bool) -> None:
+        """Hypothesis prints each drawn operation with this: as the call reads."""
+        printer.text(repr(self))  # type: ignore[attr-defined]
+
+    def apply(self, root: Path) -> tuple[str, object]:
+        """("ok", what the call returned) or ("error", the errno's name)."""
+        try:
+            return "ok", OPERATIONS[self.name](str(root), *self.arguments)
+        except OSError as exc:
+            return "error", errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+
+# -- drawing operations that collide with what is there -----------------------------------------
+
+MAX_FRESH_DEPTH = 4      # no new entry deeper than this many components
+UTIME_STAMPS_NS = (400_000_000 * 10**9 + 123_456_789, 300_000_000 * 10**9 + 1, 0)
+write_data = st.one_of(
+    st.binary(max_size=40),
+    st.tuples(st.binary(min_size=1, max_size=3), st.integers(1000, 3000)).map(
+        lambda pattern_count: pattern_count[0] * pattern_count[1]),
+)
+offsets = st.one_of(st.integers(0, 64), st.integers(4000, 9000))
+sizes = st.one_of(st.integers(0, 40), st.integers(4000, 9000))
+# "stat" comes first: hypothesis shrinks a step towards the first kind, and a failing sequence
+# (of fixed length) then shows only the steps that change something.
+OPERATION_WEIGHTS = {
+    "stat": 2, "create": 3, "write": 4, "ftruncate": 1, "truncate": 1, "chmod": 2, "chown": 2,
+    "utime": 2, "mknod": 1, "mkdir": 3, "symlink": 1, "link": 2, "unlink": 4, "rmdir": 3,
+    "rename": 6, "setxattr": 2, "removexattr": 1,
+}
+WEIGHTED_OPERATIONS = [name for name, weight in OPERATION_WEIGHTS.items() for _ in range(weight)]
+
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+@st.composite
+def operations(draw: st.DrawFn, tree: Tree, names: list[str]) -> Operation:
+    """One operation on paths of *tree* (the merged view now) or new names beside them.
+
+    New names come from the stack's own pools, so they often fall on a whited-out or hidden
+    lower entry. Calls that follow symlinks (truncate, chmod) get no symlink: a symlink's target
+    may lie outside the mount.
+
+    The choices hypothesis records have the same shape whatever the tree (a path is an index
+    into a list, taken modulo its length; every argument is drawn even where unused): were
+    the tree ever to differ on a replay, the choices still replay, and no
+    FlakyStrategyDefinition cuts a shrink short.
+    """
+    existing = sorted(path for path in tree if path)
+    directories = [path for path in sorted(tree) if tree[path].is_directory
+                   and path.count("/") < MAX_FRESH_DEPTH - 1]
+    fresh = [_join(parent, name) for parent in directories for name in names
+             if _join(parent, name) not in tree]
+
+    def path_from(candidates: list[str], fresh_share: int = 4) -> str:
+        """One of *candidates* (the first is the simplest), or a new name one time in
+        *fresh_share*."""
+        wants_fresh = draw(st.integers(1, fresh_share)) == fresh_share
+        index = draw(st.integers(0, 1 << 16))
+        pool = fresh if (wants_fresh and fresh) or not candidates else candidates
+        pool = pool or [FRESH_NAMES[0]]
+        return pool[index % len(pool)]
+
+    def new_path() -> str:
+        """Where an entry is made: as often on a name in use as on a new one."""
+        return path_from(existing, fresh_share=2)
+
+    no_symlinks = [path for path in existing if not tree[path].is_symlink]
+    with_root = ["", *existing]
+    name = draw(st.sampled_from(WEIGHTED_OPERATIONS))
+    match name:
+        case "stat":
+            arguments: tuple[object, ...] = (path_from(existing),)
+        case "create":
+            arguments = (
+                new_path(),
+                draw(st.sampled_from([0, os.O_EXCL, os.O_TRUNC, os.O_APPEND])),
+                draw(modes), draw(write_data))
+        case "write":
+            path = path_from(existing)
+            flags = draw(st.sampled_from([os.O_TRUNC, os.O_APPEND, 0]))
+            offset, data, sync, read_back = (draw(offsets), draw(write_data),
+                                             draw(st.booleans()), draw(st.booleans()))
+            regular = path in tree and tree[path].is_regular
+            arguments = (path, flags, None if flags else offset, data, sync,
+                         regular and read_back)
+        case "ftruncate":
+            arguments = (path_from(existing), draw(sizes))
+        case "truncate":
+            arguments = (path_from(no_symlinks), draw(sizes))
+        case "chmod":
+            arguments = (path_from(["", *no_symlinks]), draw(modes))
+        case "chown":
+            arguments = (path_from(with_root), draw(st.sampled_from((-1, *OWNERS))),
+                         draw(st.sampled_from((-1, *OWNERS))))
+        case "utime":
+            stamp = st.sampled_from(UTIME_STAMPS_NS)
+            arguments = (path_from(with_root),
+                         draw(st.one_of(st.tuples(stamp, stamp), st.none())))
+        case "mknod" | "mkdir":
+            arguments = (new_path(), draw(modes))
+        case "symlink":
+            arguments = (draw(st.sampled_from([*SYMLINK_TARGETS, *names])), new_path())
+        case "link" | "rename":
+            arguments = (path_from(existing), new_path())
+            if name == "rename":
+                arguments += (draw(st.sampled_from(list(RENAME_FLAGS))),)
+        case "unlink" | "rmdir":
+            arguments = (path_from(existing),)
+        case "setxattr":
+            arguments = (path_from(with_root), draw(st.sampled_from(USER_XATTRS)),
+                         draw(st.binary(max_size=6)),
+                         draw(st.sampled_from(list(XATTR_FLAG_NAMES))))
+        case "removexattr":
+            arguments = (path_from(with_root), draw(st.sampled_from(USER_XATTRS)))
+        case _:
+            raise ValueError(name)
+    return Operation(name, arguments)
