@@ -462,11 +462,11 @@ def _directory(draw: st.DrawFn, plan: _Plan, level: int, opacities: list[Opacity
     return directory
 
 
-def _walk(directory: Dir, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Node]]:
+def walk(directory: Dir, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Node]]:
     yield path, directory
     for name, node in directory.children.items():
         if isinstance(node, Dir):
-            yield from _walk(node, (*path, name))
+            yield from walk(node, (*path, name))
         else:
             yield (*path, name), node
 
@@ -476,7 +476,7 @@ def _layer(draw: st.DrawFn, plan: _Plan) -> Dir:
     # Opaque markers on a layer root are generated too: they must change nothing.
     root_opacities: list[Opacity] = ["", "y", "x"] if plan.dialect == "kernel" else ["", "y"]
     root = draw(_directory(plan, 0, root_opacities))
-    entries = list(_walk(root))
+    entries = list(walk(root))
     files = ["/".join(path) for path, node in entries if isinstance(node, File)]
     directories = [(path, node) for path, node in entries if isinstance(node, Dir)]
     if not files:
@@ -503,3 +503,23 @@ def stacks(draw: st.DrawFn, dialect: Dialect, *, whiteouts_beside: bool = False)
     preferred = [{name: draw(st.sampled_from(KINDS)) for name in pool} for pool in pools]
     plan = _Plan(dialect, pools, preferred, whiteouts_beside)
     return Stack(dialect, [draw(_layer(plan)) for _ in range(count)])
+
+
+# Reading a mounted tree, for the tests that compare one.
+
+
+def read_all(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def user_xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
+    names = sorted(name for name in os.listxattr(path, follow_symlinks=False)
+                   if name.startswith("user."))
+    return tuple((name, os.getxattr(path, name, follow_symlinks=False)) for name in names)

@@ -20,7 +20,17 @@ from pathlib import Path
 import pytest
 from conftest import mounted_cowfs, mounted_overlay
 from hypothesis import HealthCheck, given, settings
-from layer_model import Dir, File, Stack, Visible, flatten, stacks, write_stack
+from layer_model import (
+    Dir,
+    File,
+    Stack,
+    Visible,
+    flatten,
+    read_all,
+    stacks,
+    user_xattrs,
+    write_stack,
+)
 
 pytestmark = pytest.mark.mounts
 
@@ -60,23 +70,6 @@ class Seen:
 
 SEEN_FIELDS = [field.name for field in dataclasses.fields(Seen)]
 VISIBLE_FIELDS = [field.name for field in dataclasses.fields(Visible)]
-
-
-def read_all(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def user_xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
-    names = sorted(name for name in os.listxattr(path, follow_symlinks=False)
-                   if name.startswith("user."))
-    return tuple((name, os.getxattr(path, name, follow_symlinks=False)) for name in names)
 
 
 def snapshot(root: Path, *, kernel: bool = False) -> dict[str, Seen]:

@@ -33,6 +33,9 @@ from layer_model import (
     Symlink,
     Whiteout,
     XattrWhiteout,
+    read_all,
+    user_xattrs,
+    walk,
     write_stack,
 )
 
@@ -111,20 +114,11 @@ def _directory(draw: st.DrawFn, pools: list[list[str]], depth: int,
     return directory
 
 
-def _walk(directory: Dir, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Node]]:
-    yield path, directory
-    for name, node in directory.children.items():
-        if isinstance(node, Dir):
-            yield from _walk(node, (*path, name))
-        else:
-            yield (*path, name), node
-
-
 @st.composite
 def _layer(draw: st.DrawFn, pools: list[list[str]]) -> Dir:
     # The kernel ignores opaque=y on a layer root, so a root is never marked so.
     root = draw(_directory(pools, 0, ["", "", "x"]))
-    entries = list(_walk(root))
+    entries = list(walk(root))
     files = ["/".join(path) for path, node in entries if isinstance(node, File)]
     directories = [(path, node) for path, node in entries if isinstance(node, Dir)]
     # A hard link in one layer of five; none is the simplest (hypothesis shrinks towards 0).
@@ -167,7 +161,7 @@ def write_stacks(draw: st.DrawFn) -> WriteStack:
 
 def has_lower_hard_links(stack: WriteStack) -> bool:
     return any(isinstance(node, HardLink)
-               for root in stack.lowers.layers for _, node in _walk(root))
+               for root in stack.lowers.layers for _, node in walk(root))
 
 
 def lower_mtime_ns(layer: int, relative: str) -> int:
@@ -278,23 +272,6 @@ class Seen:
 
 
 Tree = dict[str, Seen]
-
-
-def read_all(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def user_xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
-    names = sorted(name for name in os.listxattr(path, follow_symlinks=False)
-                   if name.startswith("user."))
-    return tuple((name, os.getxattr(path, name, follow_symlinks=False)) for name in names)
 
 
 def snapshot(root: Path) -> tuple[Tree, list[str]]:
