@@ -68,9 +68,20 @@ class _RequestArguments:
         self.arguments = arguments
 
     def __str__(self) -> str:
-        return ", ".join(repr(argument) for argument in self.arguments
+        return ", ".join(_describe(argument) for argument in self.arguments
                          if not isinstance(argument, (pyfuse3.RequestContext,
-                                                      pyfuse3.ReaddirToken)))
+                                                      pyfuse3.ReaddirToken,
+                                                      pyfuse3.EntryAttributes)))
+
+
+def _describe(argument: object) -> str:
+    if isinstance(argument, pyfuse3.SetattrFields):
+        changed = [name[len("update_"):] for name in ("update_mode", "update_uid", "update_gid",
+                                                       "update_size", "update_atime",
+                                                       "update_mtime")
+                   if getattr(argument, name)]
+        return "set " + "+".join(changed) if changed else "set nothing"
+    return repr(argument)
 
 
 class DirectoryHandle:
