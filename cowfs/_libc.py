@@ -30,3 +30,80 @@ def renameat2(old_dir_fd: int, old_name: str, new_dir_fd: int, new_name: str,
     """rename(2) between directory fds, with RENAME_NOREPLACE, _EXCHANGE or _WHITEOUT."""
     _check(_libc.renameat2(old_dir_fd, os.fsencode(old_name), new_dir_fd,
                            os.fsencode(new_name), flags), "renameat2", old_name)
+
+
+# unshare(2) / clone(2) flags
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+# mount(2) flags
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+
+# prctl(2) options
+PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+# Syscalls glibc does not wrap, by architecture (see syscall(2)).
+_SYSCALL_NUMBERS = {
+    "x86_64": {"pivot_root": 155, "capset": 126},
+    "aarch64": {"pivot_root": 41, "capset": 91},
+}
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def unshare(flags: int) -> None:
+    """See unshare(2)."""
+    _check(_libc.unshare(flags), "unshare")
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int = 0,
+          data: str | None = None) -> None:
+    """See mount(2)."""
+    _check(_libc.mount(os.fsencode(source), os.fsencode(target),
+                       os.fsencode(fstype) if fstype else None, ctypes.c_ulong(flags),
+                       os.fsencode(data) if data else None), "mount", target)
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(os.fsencode(target), flags), "umount2", target)
+
+
+def _syscall_number(name: str) -> int:
+    machine = os.uname().machine
+    try:
+        return _SYSCALL_NUMBERS[machine][name]
+    except KeyError:
+        raise OSError(38, f"{name}: no syscall number known for {machine}") from None
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    """See pivot_root(2); glibc has no wrapper."""
+    _check(_libc.syscall(_syscall_number("pivot_root"), os.fsencode(new_root),
+                         os.fsencode(put_old)), "pivot_root", new_root)
+
+
+def prctl(option: int, argument: int = 0, argument3: int = 0) -> None:
+    _check(_libc.prctl(option, ctypes.c_ulong(argument), ctypes.c_ulong(argument3),
+                       ctypes.c_ulong(0), ctypes.c_ulong(0)), "prctl")
+
+
+def clear_capabilities() -> None:
+    """Empty the effective, permitted and inheritable sets of this thread (capset(2))."""
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()
+    _check(_libc.syscall(_syscall_number("capset"), header, data), "capset")

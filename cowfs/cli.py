@@ -4,8 +4,11 @@ import argparse
 import logging
 import os
 import resource
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 
 import cowfs
@@ -17,6 +20,7 @@ from cowfs.layers import (
     parse_lowerdirs,
     read_mountinfo,
 )
+from cowfs.sandbox import SandboxConfig
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +102,35 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     umount.add_argument("-l", "--lazy", action="store_true",
                         help="detach now, finish when no longer busy")
 
+    run = commands.add_parser(
+        "run", help="run a command in namespaces with a layer stack as its root",
+        usage="cowfs run [OPTIONS] LOWER1[:LOWER2...] -- CMD [ARGS...]")
+    run.add_argument("layers", metavar="LOWER1[:LOWER2...]")
+    run.add_argument("--upper", metavar="DIR", help="keep changes here (default: thrown away)")
+    run.add_argument("--rm", action="store_true", help="throw the changes away (the default)")
+    run.add_argument("--hostname", default="cowfs")
+    run.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument("--workdir", default="/", metavar="PATH", help="working directory inside")
+    run.add_argument("--user", default="0:0", metavar="UID[:GID]")
+
     demo = commands.add_parser("demo", help="mount the example image and show its layers")
     demo.add_argument("image", nargs="?", metavar="IMAGE_DIR",
                       help="a directory of layer directories (default: the repo's example)")
-    return parser, {"mount": mount, "umount": umount, "demo": demo}
+    return parser, {"mount": mount, "umount": umount, "demo": demo, "run": run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser, commands = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in commands:
+    if argv and argv[0] == "run":
+        if "--" not in argv:
+            commands["run"].error("the command to run follows --")
+        split = argv.index("--")
+        arguments = commands["run"].parse_args(argv[1:split])
+        arguments.command, arguments.payload = "run", argv[split + 1:]
+        if not arguments.payload:
+            commands["run"].error("no command after --")
+    elif argv and argv[0] in commands:
         # Options may stand anywhere, also after the layers (`mount L M -o ro`).
         arguments = commands[argv[0]].parse_intermixed_args(argv[1:])
         arguments.command = argv[0]
@@ -118,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return command_mount(arguments)
         if arguments.command == "umount":
             return command_umount(arguments.mountpoint, lazy=arguments.lazy)
+        if arguments.command == "run":
+            return command_run(arguments)
         from cowfs import demo
         return demo.run(arguments.image)
     except CliError as exc:
@@ -246,3 +271,65 @@ def command_umount(mountpoint: str, *, lazy: bool = False) -> int:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
         raise CliError(f"cannot unmount {mountpoint}: {reason}", EXIT_MOUNT_FAILED)
     return EXIT_OK
+
+
+def _parse_user(text: str) -> tuple[int, int]:
+    uid, _, gid = text.partition(":")
+    try:
+        return int(uid), int(gid or uid)
+    except ValueError:
+        raise CliError(f"--user expects UID[:GID] as numbers, not {text!r}") from None
+
+
+def command_run(arguments: argparse.Namespace) -> int:
+    """Mount the stack on a scratch upper (or --upper), run the payload inside, tear down."""
+    uid, gid = _parse_user(arguments.user)
+    environment = SandboxConfig(root="", command=[]).environment
+    for item in arguments.env:
+        key, has_value, value = item.partition("=")
+        if not key or not has_value:
+            raise CliError(f"--env expects KEY=VALUE, not {item!r}")
+        environment[key] = value
+    scratch = tempfile.mkdtemp(prefix="cowfs-run-")
+    try:
+        merged = os.path.join(scratch, "merged")
+        os.mkdir(merged)
+        upper = arguments.upper or os.path.join(scratch, "upper")
+        os.makedirs(upper, exist_ok=True)
+        mount = [sys.executable, "-m", "cowfs", "mount", arguments.layers, upper, merged]
+        if not arguments.upper:
+            mount += ["--workdir", os.path.join(scratch, "work")]
+        mounted = subprocess.run(mount, stdin=subprocess.DEVNULL, capture_output=True,
+                                 text=True, check=False)
+        if mounted.returncode != 0:
+            raise CliError(mounted.stderr.strip().removeprefix("cowfs: "), mounted.returncode)
+        try:
+            config = SandboxConfig(root=merged, command=arguments.payload,
+                                   hostname=arguments.hostname, environment=environment,
+                                   workdir=arguments.workdir, uid=uid, gid=gid)
+            return _run_helper(config)
+        finally:
+            _unmount_after_run(merged)
+    finally:
+        if not any(mount.mountpoint.startswith(scratch) for mount in read_mountinfo()):
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_helper(config: SandboxConfig) -> int:
+    """The namespaces are made by a fresh interpreter; signals to us are passed on to it."""
+    helper = subprocess.Popen([sys.executable, "-m", "cowfs.sandbox", config.to_json()])
+    previous = {signum: signal.signal(signum, lambda signum, _frame: helper.send_signal(signum))
+                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        code = helper.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 128 - code if code < 0 else code
+
+
+def _unmount_after_run(merged: str) -> None:
+    try:
+        command_umount(merged)
+    except CliError:
+        command_umount(merged, lazy=True)

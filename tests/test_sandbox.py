@@ -1,0 +1,98 @@
+"""`cowfs run`: a payload in new namespaces, with a busybox root made at test time."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import cowfs_command
+
+from cowfs.layers import read_mountinfo
+
+pytestmark = pytest.mark.mounts
+
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+APPLETS = ("sh", "ps", "hostname", "cat", "ls", "echo", "mkdir", "chroot", "grep")
+
+
+@pytest.fixture
+def rootfs(tmp_path: Path) -> Path:
+    """A root filesystem of one static busybox and its applets."""
+    if not os.path.exists(BUSYBOX):
+        pytest.fail("busybox-static is missing: ./scripts/install.sh installs it")
+    root = tmp_path / "rootfs"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy(BUSYBOX, root / "bin" / "busybox")
+    for applet in APPLETS:
+        (root / "bin" / applet).symlink_to("busybox")
+    (root / "etc").mkdir()
+    (root / "etc" / "image-file").write_text("from the image")
+    return root
+
+
+def run(*arguments: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(cowfs_command("run", *arguments), capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, timeout=120, check=False)
+    assert not any("cowfs-run-" in mount.mountpoint for mount in read_mountinfo()), \
+        "cowfs run left its mount behind"
+    return result
+
+
+def shell(rootfs: Path, script: str, *options: str) -> subprocess.CompletedProcess[str]:
+    return run(*options, str(rootfs), "--", "/bin/sh", "-c", script)
+
+
+def test_exit_status_and_signals(rootfs: Path) -> None:
+    assert shell(rootfs, "exit 7").returncode == 7
+    assert shell(rootfs, "kill -9 $$").returncode == 137
+    assert run(str(rootfs), "--", "/bin/no-such-program").returncode == 127
+
+
+def test_isolation(rootfs: Path, tmp_path: Path) -> None:
+    result = shell(rootfs, "ps -o pid,comm; echo ---; hostname; echo ---; ls /sys/class/net;"
+                           "echo ---; cat /proc/self/mountinfo; echo ---; ls -id / /..",
+                   "--hostname", "box")
+    assert result.returncode == 0, result.stderr
+    processes, hostname, interfaces, mounts, roots = result.stdout.split("---\n")
+    pids = [line.split()[0] for line in processes.splitlines()[1:]]
+    assert pids[0] == "1" and len(pids) <= 3, "only PID 1, the shell and ps"
+    assert hostname.strip() == "box"
+    assert interfaces.split() == ["lo"]
+    assert str(tmp_path) not in mounts and "/work" not in mounts
+    first, second = (line.split()[0] for line in roots.splitlines())
+    assert first == second, "/.. is /"
+
+
+def test_no_privileges_left(rootfs: Path) -> None:
+    result = shell(rootfs, "grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status;"
+                           "ls /proc/self/fd; echo x > /proc/sys/kernel/hostname && echo WROTE;"
+                           "mkdir /jail; chroot /jail /bin/sh -c 'cd ../../..; ls /' || "
+                           "echo NO-CHROOT")
+    fields = dict(line.split(":\t") for line in result.stdout.splitlines() if ":\t" in line)
+    assert fields == {"CapEff": "0000000000000000", "CapBnd": "0000000000000000",
+                      "NoNewPrivs": "1"}
+    assert "WROTE" not in result.stdout
+    assert "NO-CHROOT" in result.stdout
+    descriptors = [line for line in result.stdout.splitlines() if line.isdigit()]
+    assert descriptors == ["0", "1", "2", "3"], "0-2, and the one ls lists with"
+
+
+def test_changes_land_in_the_upper(rootfs: Path, tmp_path: Path) -> None:
+    upper = tmp_path / "upper"
+    result = shell(rootfs, "echo written > /new-file; cat /etc/image-file", "--upper",
+                   str(upper), "--env", "GREETING=hi")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "from the image"
+    assert (upper / "new-file").read_text() == "written\n"
+    again = shell(rootfs, "cat /new-file; echo $GREETING", "--upper", str(upper), "--env",
+                  "GREETING=hi")
+    assert again.stdout == "written\nhi\n"
+    assert shell(rootfs, "cat /new-file").returncode != 0, "without --upper nothing is kept"
+
+
+def test_the_payload_runs_as_the_user_asked(rootfs: Path) -> None:
+    result = shell(rootfs, "cat /proc/self/status | grep -E '^(Uid|Gid)'", "--user",
+                   "1000:1000")
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[1:] == ["1000"] * 4 and lines[1].split()[1:] == ["1000"] * 4
