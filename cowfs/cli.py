@@ -10,8 +10,10 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import cowfs
+from cowfs import cgroups
 from cowfs.layers import (
     LayerStack,
     LayoutError,
@@ -112,6 +114,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     run.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("--workdir", default="/", metavar="PATH", help="working directory inside")
     run.add_argument("--user", default="0:0", metavar="UID[:GID]")
+    run.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 256M (no swap)")
+    run.add_argument("--cpus", type=float, metavar="N", help="CPU time, e.g. 0.5 of one CPU")
+    run.add_argument("--pids", type=int, metavar="N", help="at most N processes")
 
     demo = commands.add_parser("demo", help="mount the example image and show its layers")
     demo.add_argument("image", nargs="?", metavar="IMAGE_DIR",
@@ -281,8 +286,32 @@ def _parse_user(text: str) -> tuple[int, int]:
         raise CliError(f"--user expects UID[:GID] as numbers, not {text!r}") from None
 
 
+class _Interrupted(Exception):
+    """A signal before the payload runs: tear down what was set up, exit 128+n."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise _Interrupted(signum)
+
+
+RUN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def command_run(arguments: argparse.Namespace) -> int:
     """Mount the stack on a scratch upper (or --upper), run the payload inside, tear down."""
+    for signum in RUN_SIGNALS:
+        signal.signal(signum, _interrupt)
+    try:
+        return _run(arguments)
+    except _Interrupted as interrupted:
+        return 128 + interrupted.signum
+
+
+def _run(arguments: argparse.Namespace) -> int:
     uid, gid = _parse_user(arguments.user)
     environment = SandboxConfig(root="", command=[]).environment
     for item in arguments.env:
@@ -303,28 +332,60 @@ def command_run(arguments: argparse.Namespace) -> int:
                                  text=True, check=False)
         if mounted.returncode != 0:
             raise CliError(mounted.stderr.strip().removeprefix("cowfs: "), mounted.returncode)
+        limited = _run_cgroups(arguments, os.path.basename(scratch))
         try:
             config = SandboxConfig(root=merged, command=arguments.payload,
                                    hostname=arguments.hostname, environment=environment,
-                                   workdir=arguments.workdir, uid=uid, gid=gid)
+                                   workdir=arguments.workdir, uid=uid, gid=gid,
+                                   cgroup_procs=[os.path.join(directory, "cgroup.procs")
+                                                 for directory in limited.directories])
             return _run_helper(config)
         finally:
-            _unmount_after_run(merged)
+            try:
+                limited.remove()       # kill what is left, wait until empty, remove
+            finally:
+                _unmount_after_run(merged)
     finally:
-        if not any(mount.mountpoint.startswith(scratch) for mount in read_mountinfo()):
+        for mount in read_mountinfo():     # a signal may have come while mounting
+            if mount.mountpoint.startswith(scratch + os.sep):
+                subprocess.run(["fusermount3", "-u", "-z", mount.mountpoint],
+                               capture_output=True, check=False)
+        if not any(mount.mountpoint.startswith(scratch + os.sep)
+                   for mount in read_mountinfo()):
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_cgroups(arguments: argparse.Namespace, run_id: str) -> cgroups.RunCgroups:
+    """The run's cgroups, made and limited (none when no limit is asked for)."""
+    try:
+        limits = cgroups.Limits(
+            memory_bytes=cgroups.parse_size(arguments.memory) if arguments.memory else None,
+            cpus=arguments.cpus, pids=arguments.pids)
+    except ValueError as exc:
+        raise CliError(f"--memory: {exc}") from None
+    chosen = cgroups.choose(cgroups.read_hierarchies(
+        Path("/proc/self/mountinfo").read_text(), Path("/proc/self/cgroup").read_text()))
+    wanted = {controller: hierarchy for controller, hierarchy in chosen.items()
+              if cgroups.limits_use(controller, limits)}
+    missing = [controller for controller in cgroups.CONTROLLERS
+               if cgroups.limits_use(controller, limits) and controller not in wanted]
+    if missing:
+        raise CliError(f"no cgroup hierarchy offers the {', '.join(missing)} controller")
+    run_cgroups = cgroups.RunCgroups(run_id, wanted)
+    run_cgroups.create(limits)
+    return run_cgroups
 
 
 def _run_helper(config: SandboxConfig) -> int:
     """The namespaces are made by a fresh interpreter; signals to us are passed on to it."""
     helper = subprocess.Popen([sys.executable, "-m", "cowfs.sandbox", config.to_json()])
-    previous = {signum: signal.signal(signum, lambda signum, _frame: helper.send_signal(signum))
-                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    for signum in RUN_SIGNALS:
+        signal.signal(signum, lambda signum, _frame: helper.send_signal(signum))
     try:
         code = helper.wait()
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum in RUN_SIGNALS:      # teardown must not be cut short
+            signal.signal(signum, signal.SIG_IGN)
     return 128 - code if code < 0 else code
 
 

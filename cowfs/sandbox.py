@@ -7,7 +7,7 @@ thread only. That helper unshares, forks PID 1 of the new pid namespace, which b
 payload with every capability dropped and no_new_privs set. PID 1 reaps orphans, forwards
 signals, and exits with the payload's status (128+n when signal n killed it).
 
-This is the first step of `cowfs run`: namespaces and the root. Limits (cgroups.py) follow.
+Limits come from cgroups.py: the helper joins the run's cgroups before it unshares.
 """
 
 import contextlib
@@ -46,6 +46,9 @@ class SandboxConfig:
     workdir: str = "/"
     uid: int = 0
     gid: int = 0
+    # cgroup.procs files the helper joins before anything else: the limits hold for PID 1 and
+    # the payload, never for the FUSE daemon, which was started before.
+    cgroup_procs: list[str] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -63,7 +66,10 @@ def exit_code(status: int) -> int:
 
 
 def run(config: SandboxConfig) -> int:
-    """In the helper: enter new namespaces, start PID 1 there, wait for it."""
+    """In the helper: join the run's cgroups, enter new namespaces, start PID 1, wait for it."""
+    for procs in config.cgroup_procs:
+        with open(procs, "w") as file:
+            file.write(str(os.getpid()))
     _libc.unshare(NAMESPACES)
     init = os.fork()
     if init == 0:

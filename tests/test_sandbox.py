@@ -6,8 +6,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import cowfs_command
+from conftest import cowfs_command, wait_until
 
+from cowfs import cgroups
 from cowfs.layers import read_mountinfo
 
 pytestmark = pytest.mark.mounts
@@ -96,3 +97,60 @@ def test_the_payload_runs_as_the_user_asked(rootfs: Path) -> None:
                    "1000:1000")
     lines = result.stdout.splitlines()
     assert lines[0].split()[1:] == ["1000"] * 4 and lines[1].split()[1:] == ["1000"] * 4
+
+
+def no_leftover_cgroups() -> bool:
+    hierarchies = cgroups.read_hierarchies(Path("/proc/self/mountinfo").read_text(),
+                                           Path("/proc/self/cgroup").read_text())
+    return not list(cgroups.leftovers(hierarchies))
+
+
+def test_memory_limit_kills_the_payload_and_not_us(rootfs: Path) -> None:
+    result = shell(rootfs, "cat /dev/zero | head -c 209715200 > /dev/shm/fill; echo survived",
+                   "--memory", "64M")
+    assert result.returncode == 137
+    assert "survived" not in result.stdout
+    assert no_leftover_cgroups()
+
+
+def test_pids_limit_stops_a_fork_bomb(rootfs: Path) -> None:
+    # Counting /proc entries with a glob needs no fork, so it still runs at the limit.
+    result = shell(rootfs, "(while :; do sleep 30 & done) 2>/dev/null; set -- /proc/[0-9]*;"
+                           "echo $#", "--pids", "20")
+    assert result.returncode == 0, result.stderr
+    assert 2 < int(result.stdout) <= 20
+    assert no_leftover_cgroups()
+    assert subprocess.run(["pgrep", "-f", "sleep 30"], check=False).returncode == 1
+
+
+def test_cpu_quota_throttles_a_busy_loop(rootfs: Path) -> None:
+    command = cowfs_command("run", "--cpus", "0.2", str(rootfs), "--", "/bin/sh", "-c",
+                            "while :; do :; done")
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+    try:
+        hierarchies = cgroups.read_hierarchies(Path("/proc/self/mountinfo").read_text(),
+                                               Path("/proc/self/cgroup").read_text())
+        cpu = cgroups.choose(hierarchies)["cpu"]
+
+        def run_cgroup() -> Path | None:
+            found = [Path(path) for path in cgroups.leftovers([cpu])]
+            return found[0] if found else None
+
+        wait_until(lambda: run_cgroup() is not None, what="the run's cgroup")
+        group = run_cgroup()
+        assert group is not None
+        if cpu.version == 1:
+            assert (group / "cpu.cfs_quota_us").read_text().strip() == "20000"
+        else:
+            assert (group / "cpu.max").read_text().split() == ["20000", "100000"]
+
+        def is_throttled() -> bool:
+            return any(line.split()[1] != "0"
+                       for line in (group / "cpu.stat").read_text().splitlines()
+                       if line.startswith("nr_throttled"))
+
+        wait_until(is_throttled, what="CPU throttling")
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 128 + 15
+    assert no_leftover_cgroups()
