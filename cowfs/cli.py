@@ -118,10 +118,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     run.add_argument("--cpus", type=float, metavar="N", help="CPU time, e.g. 0.5 of one CPU")
     run.add_argument("--pids", type=int, metavar="N", help="at most N processes")
 
+    commands.add_parser("cleanup", help="remove what killed `cowfs run`s left behind")
+
     demo = commands.add_parser("demo", help="mount the example image and show its layers")
     demo.add_argument("image", nargs="?", metavar="IMAGE_DIR",
                       help="a directory of layer directories (default: the repo's example)")
     return parser, {"mount": mount, "umount": umount, "demo": demo, "run": run}
+
+
+def command_cleanup() -> int:
+    for path in sweep_leftovers():
+        print(f"removed {path}")
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -148,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return command_umount(arguments.mountpoint, lazy=arguments.lazy)
         if arguments.command == "run":
             return command_run(arguments)
+        if arguments.command == "cleanup":
+            return command_cleanup()
         from cowfs import demo
         return demo.run(arguments.image)
     except CliError as exc:
@@ -299,6 +309,42 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 
 RUN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+RUN_PREFIX = "cowfs-run-"
+
+
+def _owner_is_gone(run_id: str) -> bool:
+    """Whether the `cowfs run` that made *run_id* (`<pid>-<random>`) has ended."""
+    pid, _, _ = run_id.partition("-")
+    return pid.isdigit() and not os.path.exists(f"/proc/{pid}")
+
+
+def sweep_leftovers() -> list[str]:
+    """Remove what runs killed with SIGKILL left behind: cgroups, mounts, scratch directories."""
+    swept = []
+    hierarchies = cgroups.read_hierarchies(Path("/proc/self/mountinfo").read_text(),
+                                           Path("/proc/self/cgroup").read_text())
+    for path in cgroups.leftovers(hierarchies):
+        run_id = os.path.basename(path)[len(cgroups.CGROUP_PREFIX):]
+        if _owner_is_gone(run_id):
+            leftover = cgroups.RunCgroups(run_id, {})
+            leftover.directories = [path]
+            leftover.remove()
+            swept.append(path)
+    scratch_root = tempfile.gettempdir()
+    for name in os.listdir(scratch_root):
+        if not name.startswith(RUN_PREFIX) or not _owner_is_gone(name[len(RUN_PREFIX):]):
+            continue
+        scratch = os.path.join(scratch_root, name)
+        for mount in read_mountinfo():
+            if mount.mountpoint.startswith(scratch + os.sep):
+                subprocess.run(["fusermount3", "-u", "-z", mount.mountpoint],
+                               capture_output=True, check=False)
+                swept.append(mount.mountpoint)
+        shutil.rmtree(scratch, ignore_errors=True)
+        swept.append(scratch)
+    for path in swept:
+        log.info("swept %s, left by a killed run", path)
+    return swept
 
 
 def command_run(arguments: argparse.Namespace) -> int:
@@ -319,7 +365,10 @@ def _run(arguments: argparse.Namespace) -> int:
         if not key or not has_value:
             raise CliError(f"--env expects KEY=VALUE, not {item!r}")
         environment[key] = value
-    scratch = tempfile.mkdtemp(prefix="cowfs-run-")
+    sweep_leftovers()
+    # The run id names the scratch directory and the cgroups, and carries our pid, so a later
+    # run can tell what a killed one left from what a live one is using.
+    scratch = tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{os.getpid()}-")
     try:
         merged = os.path.join(scratch, "merged")
         os.mkdir(merged)
@@ -332,7 +381,7 @@ def _run(arguments: argparse.Namespace) -> int:
                                  text=True, check=False)
         if mounted.returncode != 0:
             raise CliError(mounted.stderr.strip().removeprefix("cowfs: "), mounted.returncode)
-        limited = _run_cgroups(arguments, os.path.basename(scratch))
+        limited = _run_cgroups(arguments, os.path.basename(scratch)[len(RUN_PREFIX):])
         try:
             config = SandboxConfig(root=merged, command=arguments.payload,
                                    hostname=arguments.hostname, environment=environment,

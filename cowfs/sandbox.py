@@ -67,6 +67,7 @@ def exit_code(status: int) -> int:
 
 def run(config: SandboxConfig) -> int:
     """In the helper: join the run's cgroups, enter new namespaces, start PID 1, wait for it."""
+    _die_with_parent()
     for procs in config.cgroup_procs:
         with open(procs, "w") as file:
             file.write(str(os.getpid()))
@@ -75,6 +76,7 @@ def run(config: SandboxConfig) -> int:
     if init == 0:
         code = 127
         try:
+            _die_with_parent()
             code = _init(config)
         except BaseException:
             traceback.print_exc()
@@ -84,6 +86,14 @@ def run(config: SandboxConfig) -> int:
         signal.signal(signum, lambda signum, _frame: _forward(init, signum))
     _, status = os.waitpid(init, 0)
     return exit_code(status)
+
+
+def _die_with_parent() -> None:
+    """A `cowfs run` killed with SIGKILL takes the sandbox with it: nothing keeps running."""
+    parent = os.getppid()
+    _libc.prctl(_libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:        # the parent died before the request took hold
+        os._exit(128 + signal.SIGKILL)
 
 
 def _forward(pid: int, signum: int) -> None:

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -153,4 +154,40 @@ def test_cpu_quota_throttles_a_busy_loop(rootfs: Path) -> None:
     finally:
         process.terminate()
         assert process.wait(timeout=30) == 128 + 15
+    assert no_leftover_cgroups()
+
+
+def test_signals_reach_the_payload(rootfs: Path, tmp_path: Path) -> None:
+    upper = tmp_path / "upper"
+    command = cowfs_command("run", "--upper", str(upper), str(rootfs), "--", "/bin/sh", "-c",
+                            "trap 'exit 42' TERM; echo > /started; sleep 300 & wait")
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: (upper / "started").exists(), what="the payload to start")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 42
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+
+
+def test_a_killed_run_is_swept_by_the_next(rootfs: Path, tmp_path: Path) -> None:
+    upper = tmp_path / "upper"
+    command = cowfs_command("run", "--pids", "50", "--upper", str(upper), str(rootfs), "--",
+                            "/bin/sh", "-c", "echo > /started; sleep 300")
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: (upper / "started").exists(), what="the payload to start")
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+    wait_until(lambda: subprocess.run(["pgrep", "-f", "sleep 300"], check=False).returncode
+               == 1, what="the sandbox to die with its runtime")
+    assert any("cowfs-run-" in mount.mountpoint for mount in read_mountinfo())
+    assert not no_leftover_cgroups()
+    cleanup = subprocess.run(cowfs_command("cleanup"), capture_output=True, text=True,
+                             timeout=60, check=False)
+    assert cleanup.returncode == 0, cleanup.stderr
+    assert "removed" in cleanup.stdout
+    assert not any("cowfs-run-" in mount.mountpoint for mount in read_mountinfo())
     assert no_leftover_cgroups()
