@@ -14,6 +14,7 @@ from pathlib import Path
 
 import cowfs
 from cowfs import cgroups
+from cowfs.commit import CommitError, commit_upper
 from cowfs.layers import (
     LayerStack,
     LayoutError,
@@ -110,6 +111,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     run.add_argument("layers", metavar="LOWER1[:LOWER2...]")
     run.add_argument("--upper", metavar="DIR", help="keep changes here (default: thrown away)")
     run.add_argument("--rm", action="store_true", help="throw the changes away (the default)")
+    run.add_argument("--commit", metavar="LAYER_DIR",
+                     help="save the changes as a new layer directory, to stack on top later")
     run.add_argument("--hostname", default="cowfs")
     run.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("--workdir", default="/", metavar="PATH", help="working directory inside")
@@ -359,6 +362,8 @@ def command_run(arguments: argparse.Namespace) -> int:
 
 def _run(arguments: argparse.Namespace) -> int:
     uid, gid = _parse_user(arguments.user)
+    if arguments.commit and os.path.lexists(arguments.commit):
+        raise CliError(f"--commit: layer directory {arguments.commit} exists already")
     environment = SandboxConfig(root="", command=[]).environment
     for item in arguments.env:
         key, has_value, value = item.partition("=")
@@ -388,10 +393,17 @@ def _run(arguments: argparse.Namespace) -> int:
                                    workdir=arguments.workdir, uid=uid, gid=gid,
                                    cgroup_procs=[os.path.join(directory, "cgroup.procs")
                                                  for directory in limited.directories])
-            return _run_helper(config)
+            code = _run_helper(config)
+            limited.remove()           # kill what is left, wait until empty, remove
+            if arguments.commit:
+                try:
+                    commit_upper(upper, merged, arguments.commit)
+                except CommitError as exc:
+                    raise CliError(f"--commit: {exc}", EXIT_UNEXPECTED) from None
+            return code
         finally:
             try:
-                limited.remove()       # kill what is left, wait until empty, remove
+                limited.remove()
             finally:
                 _unmount_after_run(merged)
     finally:

@@ -191,3 +191,22 @@ def test_a_killed_run_is_swept_by_the_next(rootfs: Path, tmp_path: Path) -> None
     assert "removed" in cleanup.stdout
     assert not any("cowfs-run-" in mount.mountpoint for mount in read_mountinfo())
     assert no_leftover_cgroups()
+
+
+def test_commit_makes_a_layer_the_next_run_stacks_on(rootfs: Path, tmp_path: Path) -> None:
+    (rootfs / "etc" / "big").write_bytes(b"data " * 100_000)
+    layer = tmp_path / "committed"
+    first = shell(rootfs, "echo new > /new; rm /etc/image-file; chmod 600 /etc/big; mkdir /d",
+                  "--commit", str(layer))
+    assert first.returncode == 0, first.stderr
+    assert (layer / "new").read_text() == "new\n"
+    assert not any(name.startswith("trusted.overlay.cowfs")
+                   for name in os.listxattr(layer / "etc" / "big"))
+    second = shell(Path(f"{layer}:{rootfs}"), "cat /new; ls /etc; ls -l /etc/big; wc -c /etc/big")
+    assert second.returncode == 0, second.stderr
+    lines = second.stdout.splitlines()
+    assert lines[0] == "new"
+    assert "image-file" not in second.stdout
+    assert lines[-2].startswith("-rw-------") and lines[-1].split()[0] == "500000"
+    refused = shell(rootfs, "true", "--commit", str(layer))
+    assert refused.returncode == 2 and "exists already" in refused.stderr
