@@ -4,17 +4,12 @@ import argparse
 import logging
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import cowfs
-from cowfs import cgroups
-from cowfs.commit import CommitError, commit_upper
 from cowfs.layers import (
     LayerStack,
     LayoutError,
@@ -22,8 +17,9 @@ from cowfs.layers import (
     open_stack,
     parse_lowerdirs,
     read_mountinfo,
+    unmount,
 )
-from cowfs.sandbox import SandboxConfig
+from cowfs.sandbox import Sandbox, SandboxError, sweep_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +116,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     run.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 256M (no swap)")
     run.add_argument("--cpus", type=float, metavar="N", help="CPU time, e.g. 0.5 of one CPU")
     run.add_argument("--pids", type=int, metavar="N", help="at most N processes")
+    run.add_argument("--net", choices=("none", "host"), default="none",
+                     help="none: a network namespace with lo only (default); host: the host's")
 
     commands.add_parser("cleanup", help="remove what killed `cowfs run`s left behind")
 
@@ -283,11 +281,10 @@ def command_umount(mountpoint: str, *, lazy: bool = False) -> int:
     if not any(mount.mountpoint == resolved and mount.fstype == "fuse.cowfs"
                for mount in read_mountinfo()):
         raise CliError(f"{mountpoint} is not a cowfs mount")
-    command = ["fusermount3", "-u", *(["-z"] if lazy else []), resolved]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
-        raise CliError(f"cannot unmount {mountpoint}: {reason}", EXIT_MOUNT_FAILED)
+    try:
+        unmount(resolved, lazy=lazy)
+    except OSError as exc:
+        raise CliError(f"cannot unmount {mountpoint}: {exc}", EXIT_MOUNT_FAILED) from None
     return EXIT_OK
 
 
@@ -312,146 +309,48 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 
 RUN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-RUN_PREFIX = "cowfs-run-"
-
-
-def _owner_is_gone(run_id: str) -> bool:
-    """Whether the `cowfs run` that made *run_id* (`<pid>-<random>`) has ended."""
-    pid, _, _ = run_id.partition("-")
-    return pid.isdigit() and not os.path.exists(f"/proc/{pid}")
-
-
-def sweep_leftovers() -> list[str]:
-    """Remove what runs killed with SIGKILL left behind: cgroups, mounts, scratch directories."""
-    swept = []
-    hierarchies = cgroups.read_hierarchies(Path("/proc/self/mountinfo").read_text(),
-                                           Path("/proc/self/cgroup").read_text())
-    for path in cgroups.leftovers(hierarchies):
-        run_id = os.path.basename(path)[len(cgroups.CGROUP_PREFIX):]
-        if _owner_is_gone(run_id):
-            leftover = cgroups.RunCgroups(run_id, {})
-            leftover.directories = [path]
-            leftover.remove()
-            swept.append(path)
-    scratch_root = tempfile.gettempdir()
-    for name in os.listdir(scratch_root):
-        if not name.startswith(RUN_PREFIX) or not _owner_is_gone(name[len(RUN_PREFIX):]):
-            continue
-        scratch = os.path.join(scratch_root, name)
-        for mount in read_mountinfo():
-            if mount.mountpoint.startswith(scratch + os.sep):
-                subprocess.run(["fusermount3", "-u", "-z", mount.mountpoint],
-                               capture_output=True, check=False)
-                swept.append(mount.mountpoint)
-        shutil.rmtree(scratch, ignore_errors=True)
-        swept.append(scratch)
-    for path in swept:
-        log.info("swept %s, left by a killed run", path)
-    return swept
 
 
 def command_run(arguments: argparse.Namespace) -> int:
-    """Mount the stack on a scratch upper (or --upper), run the payload inside, tear down."""
+    """Mount the stack on a scratch upper (or --upper), run the payload inside, tear down.
+
+    Until the payload runs, a signal tears down what exists and exits 128+n; then signals are
+    forwarded to it; teardown itself is not cut short.
+    """
     for signum in RUN_SIGNALS:
         signal.signal(signum, _interrupt)
     try:
         return _run(arguments)
     except _Interrupted as interrupted:
         return 128 + interrupted.signum
+    except SandboxError as exc:
+        raise CliError(str(exc), exc.exit_code) from None
 
 
 def _run(arguments: argparse.Namespace) -> int:
     uid, gid = _parse_user(arguments.user)
-    if arguments.commit and os.path.lexists(arguments.commit):
-        raise CliError(f"--commit: layer directory {arguments.commit} exists already")
-    environment = SandboxConfig(root="", command=[]).environment
+    environment = {}
     for item in arguments.env:
         key, has_value, value = item.partition("=")
         if not key or not has_value:
             raise CliError(f"--env expects KEY=VALUE, not {item!r}")
         environment[key] = value
-    sweep_leftovers()
-    # The run id names the scratch directory and the cgroups, and carries our pid, so a later
-    # run can tell what a killed one left from what a live one is using.
-    scratch = tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{os.getpid()}-")
-    try:
-        merged = os.path.join(scratch, "merged")
-        os.mkdir(merged)
-        upper = arguments.upper or os.path.join(scratch, "upper")
-        os.makedirs(upper, exist_ok=True)
-        mount = [sys.executable, "-m", "cowfs", "mount", arguments.layers, upper, merged]
-        if not arguments.upper:
-            mount += ["--workdir", os.path.join(scratch, "work")]
-        mounted = subprocess.run(mount, stdin=subprocess.DEVNULL, capture_output=True,
-                                 text=True, check=False)
-        if mounted.returncode != 0:
-            raise CliError(mounted.stderr.strip().removeprefix("cowfs: "), mounted.returncode)
-        limited = _run_cgroups(arguments, os.path.basename(scratch)[len(RUN_PREFIX):])
+    if arguments.commit and os.path.lexists(arguments.commit):
+        raise CliError(f"--commit: layer directory {arguments.commit} exists already")
+    with Sandbox(arguments.layers, upper=arguments.upper, memory=arguments.memory,
+                 cpus=arguments.cpus, pids=arguments.pids) as box:
         try:
-            config = SandboxConfig(root=merged, command=arguments.payload,
-                                   hostname=arguments.hostname, environment=environment,
-                                   workdir=arguments.workdir, uid=uid, gid=gid,
-                                   cgroup_procs=[os.path.join(directory, "cgroup.procs")
-                                                 for directory in limited.directories])
-            code = _run_helper(config)
-            limited.remove()           # kill what is left, wait until empty, remove
-            if arguments.commit:
-                try:
-                    commit_upper(upper, merged, arguments.commit)
-                except CommitError as exc:
-                    raise CliError(f"--commit: {exc}", EXIT_UNEXPECTED) from None
-            return code
+            code = box.run(arguments.payload, hostname=arguments.hostname, env=environment,
+                           workdir=arguments.workdir, user=(uid, gid), network=arguments.net,
+                           on_start=_forward_signals)
         finally:
-            try:
-                limited.remove()
-            finally:
-                _unmount_after_run(merged)
-    finally:
-        for mount in read_mountinfo():     # a signal may have come while mounting
-            if mount.mountpoint.startswith(scratch + os.sep):
-                subprocess.run(["fusermount3", "-u", "-z", mount.mountpoint],
-                               capture_output=True, check=False)
-        if not any(mount.mountpoint.startswith(scratch + os.sep)
-                   for mount in read_mountinfo()):
-            shutil.rmtree(scratch, ignore_errors=True)
+            for signum in RUN_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
+        if arguments.commit:
+            box.commit(arguments.commit)
+        return code
 
 
-def _run_cgroups(arguments: argparse.Namespace, run_id: str) -> cgroups.RunCgroups:
-    """The run's cgroups, made and limited (none when no limit is asked for)."""
-    try:
-        limits = cgroups.Limits(
-            memory_bytes=cgroups.parse_size(arguments.memory) if arguments.memory else None,
-            cpus=arguments.cpus, pids=arguments.pids)
-    except ValueError as exc:
-        raise CliError(f"--memory: {exc}") from None
-    chosen = cgroups.choose(cgroups.read_hierarchies(
-        Path("/proc/self/mountinfo").read_text(), Path("/proc/self/cgroup").read_text()))
-    wanted = {controller: hierarchy for controller, hierarchy in chosen.items()
-              if cgroups.limits_use(controller, limits)}
-    missing = [controller for controller in cgroups.CONTROLLERS
-               if cgroups.limits_use(controller, limits) and controller not in wanted]
-    if missing:
-        raise CliError(f"no cgroup hierarchy offers the {', '.join(missing)} controller")
-    run_cgroups = cgroups.RunCgroups(run_id, wanted)
-    run_cgroups.create(limits)
-    return run_cgroups
-
-
-def _run_helper(config: SandboxConfig) -> int:
-    """The namespaces are made by a fresh interpreter; signals to us are passed on to it."""
-    helper = subprocess.Popen([sys.executable, "-m", "cowfs.sandbox", config.to_json()])
+def _forward_signals(helper: subprocess.Popen[bytes]) -> None:
     for signum in RUN_SIGNALS:
         signal.signal(signum, lambda signum, _frame: helper.send_signal(signum))
-    try:
-        code = helper.wait()
-    finally:
-        for signum in RUN_SIGNALS:      # teardown must not be cut short
-            signal.signal(signum, signal.SIG_IGN)
-    return 128 - code if code < 0 else code
-
-
-def _unmount_after_run(merged: str) -> None:
-    try:
-        command_umount(merged)
-    except CliError:
-        command_umount(merged, lazy=True)

@@ -9,6 +9,7 @@ import fcntl
 import logging
 import os
 import shutil
+import subprocess
 
 from cowfs import _at, whiteout
 
@@ -304,3 +305,13 @@ def check_mountpoint(stack: LayerStack, mountpoint: str, *, nonempty: bool = Fal
     if not nonempty and os.listdir(resolved):
         raise LayoutError(f"mount point {mountpoint} is not empty (-o nonempty mounts over it)")
     return resolved
+
+
+def unmount(mountpoint: str, *, lazy: bool = False) -> None:
+    """Unmount a FUSE mount (`fusermount3 -u`, which also works unprivileged); lazily: detach
+    now, finish when no longer busy. Raises OSError with fusermount3's reason."""
+    command = ["fusermount3", "-u", *(["-z"] if lazy else []), mountpoint]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines()
+        raise OSError(f"{lines[-1] if lines else 'fusermount3 failed'}")

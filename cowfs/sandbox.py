@@ -1,194 +1,214 @@
-"""Run a process in new namespaces with a merged tree as its root (DESIGN.md §8).
+"""Run a process isolated and limited, with a layer stack as its root: `cowfs run` as a library.
 
-The namespace work happens in a fresh interpreter (`python -m cowfs.sandbox CONFIG`), never in
-a fork of a threaded process: unshare of the mount namespace in a threaded process moves one
-thread only. That helper unshares, forks PID 1 of the new pid namespace, which builds /proc,
-/dev and /sys inside the root, `pivot_root`s into it (plain chroot can be escaped), and forks the
-payload with every capability dropped and no_new_privs set. PID 1 reaps orphans, forwards
-signals, and exits with the payload's status (128+n when signal n killed it).
+    import cowfs.sandbox
 
-Limits come from cgroups.py: the helper joins the run's cgroups before it unshares.
+    status = cowfs.sandbox.run("app:base", ["/bin/sh", "-c", "echo hi"], memory="256M")
+
+    with cowfs.sandbox.Sandbox("app:base", upper="/var/lib/box/upper", pids=64) as box:
+        box.run(["/bin/setup"])
+        box.run(["/bin/check"], user=(1000, 1000))
+        box.commit("/var/lib/layers/app-configured")
+
+A `Sandbox` mounts the stack (the FUSE daemon stays in the host's namespaces and outside the
+limits), makes the run's cgroups, and on exit tears down in order: kill what is left in the
+cgroups and wait for them to empty, remove them, unmount, remove the scratch directory. Each
+`run` is a fresh set of namespaces over the same mount (see `_sandbox_helper`).
 """
 
-import contextlib
-import dataclasses
-import fcntl
-import json
+import logging
 import os
-import signal
-import socket
-import struct
+import shutil
+import subprocess
 import sys
-import traceback
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from cowfs import _libc
+from cowfs import cgroups
+from cowfs._sandbox_helper import SandboxConfig
+from cowfs.commit import CommitError, commit_upper
+from cowfs.layers import read_mountinfo, unmount
 
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
-                     signal.SIGUSR1, signal.SIGUSR2)
-NAMESPACES = (_libc.CLONE_NEWNS | _libc.CLONE_NEWPID | _libc.CLONE_NEWUTS | _libc.CLONE_NEWIPC
-              | _libc.CLONE_NEWNET | _libc.CLONE_NEWCGROUP)
-DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
-# Paths of /proc a payload must not read or write (as runc and docker mask them).
-MASKED_FILES = ("kcore", "keys", "timer_list", "sched_debug", "sysrq-trigger")
-MASKED_DIRECTORIES = ("acpi", "scsi", "firmware")
-_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
-_IFREQ = struct.Struct("16sh22x")
+log = logging.getLogger(__name__)
+
+RUN_PREFIX = "cowfs-run-"
 
 
-@dataclasses.dataclass
-class SandboxConfig:
-    root: str                         # the merged mount: becomes /
-    command: list[str]
-    hostname: str = "cowfs"
-    environment: dict[str, str] = dataclasses.field(default_factory=lambda: {
-        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "HOME": "/", "TERM": os.environ.get("TERM", "xterm")})
-    workdir: str = "/"
-    uid: int = 0
-    gid: int = 0
-    # cgroup.procs files the helper joins before anything else: the limits hold for PID 1 and
-    # the payload, never for the FUSE daemon, which was started before.
-    cgroup_procs: list[str] = dataclasses.field(default_factory=list)
+class SandboxError(Exception):
+    """The sandbox could not be set up; the message names the problem in one line."""
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "SandboxConfig":
-        return cls(**json.loads(text))
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
-def exit_code(status: int) -> int:
-    """A wait status as a shell reports it: the exit code, or 128+n for signal n."""
-    if os.WIFSIGNALED(status):
-        return 128 + os.WTERMSIG(status)
-    return os.WEXITSTATUS(status)
+class Sandbox:
+    """A mounted, limited root that commands run in; a context manager."""
 
-
-def run(config: SandboxConfig) -> int:
-    """In the helper: join the run's cgroups, enter new namespaces, start PID 1, wait for it."""
-    _die_with_parent()
-    for procs in config.cgroup_procs:
-        with open(procs, "w") as file:
-            file.write(str(os.getpid()))
-    _libc.unshare(NAMESPACES)
-    init = os.fork()
-    if init == 0:
-        code = 127
+    def __init__(self, layers: str | Sequence[str], *, upper: str | None = None,
+                 memory: str | int | None = None, cpus: float | None = None,
+                 pids: int | None = None) -> None:
+        self.lowerdir = layers if isinstance(layers, str) else ":".join(
+            path.replace("\\", "\\\\").replace(":", "\\:") for path in layers)
+        self.kept_upper = upper
         try:
-            _die_with_parent()
-            code = _init(config)
+            memory_bytes = cgroups.parse_size(memory) if isinstance(memory, str) else memory
+        except ValueError as exc:
+            raise SandboxError(f"memory: {exc}") from None
+        self.limits = cgroups.Limits(memory_bytes=memory_bytes, cpus=cpus, pids=pids)
+        self.scratch = ""
+        self.merged = ""
+        self.upper = ""
+        self.cgroups: cgroups.RunCgroups | None = None
+
+    def __enter__(self) -> "Sandbox":
+        sweep_leftovers()
+        # The run id names the scratch directory and the cgroups and carries our pid, so a
+        # later run tells what a killed one left from what a live one uses.
+        self.scratch = tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{os.getpid()}-")
+        try:
+            self._set_up()
         except BaseException:
-            traceback.print_exc()
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _set_up(self) -> None:
+        self.merged = os.path.join(self.scratch, "merged")
+        os.mkdir(self.merged)
+        self.upper = self.kept_upper or os.path.join(self.scratch, "upper")
+        os.makedirs(self.upper, exist_ok=True)
+        command = [sys.executable, "-m", "cowfs", "mount", self.lowerdir, self.upper,
+                   self.merged]
+        if not self.kept_upper:
+            command += ["--workdir", os.path.join(self.scratch, "work")]
+        mounted = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
+                                 text=True, check=False)
+        if mounted.returncode != 0:
+            raise SandboxError(mounted.stderr.strip().removeprefix("cowfs: "),
+                               mounted.returncode)
+        self.cgroups = _make_cgroups(os.path.basename(self.scratch)[len(RUN_PREFIX):],
+                                     self.limits)
+
+    def run(self, command: Sequence[str], *, hostname: str = "cowfs",
+            env: dict[str, str] | None = None, workdir: str = "/",
+            user: tuple[int, int] = (0, 0), network: str = "none",
+            on_start: Callable[[subprocess.Popen[bytes]], None] | None = None) -> int:
+        """Run *command* in new namespaces; its exit status, 128+n if signal n ended it.
+
+        *on_start* gets the helper process, to which a caller may forward signals.
+        """
+        if network not in ("none", "host"):
+            raise SandboxError(f"network must be none or host, not {network!r}")
+        environment = SandboxConfig(root="", command=[]).environment
+        environment.update(env or {})
+        assert self.cgroups is not None, "run inside `with Sandbox(...)`"
+        config = SandboxConfig(root=self.merged, command=list(command), hostname=hostname,
+                               environment=environment, workdir=workdir, uid=user[0],
+                               gid=user[1], network=network,
+                               cgroup_procs=[os.path.join(directory, "cgroup.procs")
+                                             for directory in self.cgroups.directories])
+        helper = subprocess.Popen([sys.executable, "-m", "cowfs._sandbox_helper",
+                                   config.to_json()])
+        if on_start is not None:
+            on_start(helper)
+        code = helper.wait()
+        self.cgroups.kill()        # what the payload left behind, before anything else runs
+        return 128 - code if code < 0 else code
+
+    def commit(self, layer_directory: str) -> None:
+        """Save the changes so far as a new layer directory."""
+        try:
+            commit_upper(self.upper, self.merged, layer_directory)
+        except CommitError as exc:
+            raise SandboxError(f"commit: {exc}", 1) from None
+
+    def close(self) -> None:
+        """Tear down in order; safe to call twice and after a failed set-up."""
+        try:
+            if self.cgroups is not None:
+                self.cgroups.remove()
+                self.cgroups = None
         finally:
-            os._exit(code)
-    for signum in FORWARDED_SIGNALS:
-        signal.signal(signum, lambda signum, _frame: _forward(init, signum))
-    _, status = os.waitpid(init, 0)
-    return exit_code(status)
+            for mount in read_mountinfo():
+                if self.scratch and mount.mountpoint.startswith(self.scratch + os.sep) \
+                        and not _unmounts(mount.mountpoint):
+                    unmount(mount.mountpoint, lazy=True)     # busy: detach, finish later
+            if self.scratch and not any(mount.mountpoint.startswith(self.scratch + os.sep)
+                                        for mount in read_mountinfo()):
+                shutil.rmtree(self.scratch, ignore_errors=True)
 
 
-def _die_with_parent() -> None:
-    """A `cowfs run` killed with SIGKILL takes the sandbox with it: nothing keeps running."""
-    parent = os.getppid()
-    _libc.prctl(_libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:        # the parent died before the request took hold
-        os._exit(128 + signal.SIGKILL)
-
-
-def _forward(pid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signum)
-
-
-def _init(config: SandboxConfig) -> int:
-    """PID 1: build the root, pivot into it, run the payload, reap, pass its status on."""
-    _libc.mount("none", "/", None, _libc.MS_REC | _libc.MS_PRIVATE)
-    _prepare_root(config.root)
-    socket.sethostname(config.hostname)
-    _loopback_up()
-    os.chdir(config.root)
-    _libc.pivot_root(".", ".")           # the old root stacks under the new one ...
-    _libc.umount2(".", _libc.MNT_DETACH)  # ... and goes (pivot_root(2), "new_root == put_old")
-    os.chdir("/")
-    payload = os.fork()
-    if payload == 0:
-        _exec_payload(config)
-    for signum in FORWARDED_SIGNALS:
-        signal.signal(signum, lambda signum, _frame: _forward(payload, signum))
-    while True:
-        pid, status = os.wait()
-        if pid == payload:
-            return exit_code(status)
-
-
-def _mkdir(path: str) -> str:
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-def _prepare_root(root: str) -> None:
-    """/proc of the new pid namespace, a small /dev, a read-only /sys; sensitive paths masked."""
-    secure = _libc.MS_NOSUID | _libc.MS_NODEV | _libc.MS_NOEXEC
-    proc = _mkdir(os.path.join(root, "proc"))
-    _libc.mount("proc", proc, "proc", secure)
-    for name in MASKED_FILES:
-        if os.path.exists(os.path.join(proc, name)):
-            _libc.mount("/dev/null", os.path.join(proc, name), None, _libc.MS_BIND)
-    for name in MASKED_DIRECTORIES:
-        if os.path.isdir(os.path.join(proc, name)):
-            _libc.mount("tmpfs", os.path.join(proc, name), "tmpfs", _libc.MS_RDONLY | secure)
-    proc_sys = os.path.join(proc, "sys")
-    _libc.mount(proc_sys, proc_sys, None, _libc.MS_BIND | _libc.MS_REC)
-    _libc.mount(proc_sys, proc_sys, None,
-                _libc.MS_BIND | _libc.MS_REMOUNT | _libc.MS_RDONLY | secure)
-    dev = _mkdir(os.path.join(root, "dev"))
-    _libc.mount("tmpfs", dev, "tmpfs", _libc.MS_NOSUID | _libc.MS_NOEXEC, "mode=755,size=65536k")
-    for name in DEVICES:
-        node = os.path.join(dev, name)
-        open(node, "w").close()
-        _libc.mount(f"/dev/{name}", node, None, _libc.MS_BIND)
-    pts = _mkdir(os.path.join(dev, "pts"))
-    _libc.mount("devpts", pts, "devpts", _libc.MS_NOSUID | _libc.MS_NOEXEC,
-                "newinstance,ptmxmode=0666,mode=620")
-    os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
-    _libc.mount("shm", _mkdir(os.path.join(dev, "shm")), "tmpfs", secure, "mode=1777")
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
-        os.symlink(target, os.path.join(dev, name))
-    _libc.mount("sysfs", _mkdir(os.path.join(root, "sys")), "sysfs", _libc.MS_RDONLY | secure)
-
-
-def _loopback_up() -> None:
-    """The new network namespace has only lo, down: bring it up."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        request = _IFREQ.pack(b"lo", 0)
-        flags = _IFREQ.unpack(fcntl.ioctl(sock, _SIOCGIFFLAGS, request))[1]
-        fcntl.ioctl(sock, _SIOCSIFFLAGS, _IFREQ.pack(b"lo", flags | _IFF_UP))
-
-
-def _exec_payload(config: SandboxConfig) -> None:
-    """Become the payload: its user, no capability, no new privileges, only fds 0-2."""
+def _unmounts(path: str) -> bool:
     try:
-        for signum in FORWARDED_SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
-        with open("/proc/sys/kernel/cap_last_cap") as cap_last_cap:
-            last_capability = int(cap_last_cap.read())
-        for capability in range(last_capability + 1):
-            _libc.prctl(_libc.PR_CAPBSET_DROP, capability)
-        _libc.prctl(_libc.PR_CAP_AMBIENT, _libc.PR_CAP_AMBIENT_CLEAR_ALL)
-        os.setgroups([])
-        os.setgid(config.gid)
-        os.setuid(config.uid)
-        _libc.clear_capabilities()
-        _libc.prctl(_libc.PR_SET_NO_NEW_PRIVS, 1)
-        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-        os.chdir(config.workdir)
-        os.execvpe(config.command[0], config.command, config.environment)
-    except BaseException as exc:
-        print(f"cowfs run: cannot start {config.command[0]}: {exc}", file=sys.stderr)
-        os._exit(127)
+        unmount(path)
+    except OSError:
+        return False
+    return True
 
 
-if __name__ == "__main__":
-    sys.exit(run(SandboxConfig.from_json(sys.argv[1])))
+def run(layers: str | Sequence[str], command: Sequence[str], *, upper: str | None = None,
+        commit: str | None = None, memory: str | int | None = None, cpus: float | None = None,
+        pids: int | None = None, **options: object) -> int:
+    """Run one command in a fresh sandbox and tear it down; its exit status.
+
+    *options* are `Sandbox.run`'s: hostname, env, workdir, user, network, on_start.
+    """
+    if commit and os.path.lexists(commit):
+        raise SandboxError(f"commit: layer directory {commit} exists already")
+    with Sandbox(layers, upper=upper, memory=memory, cpus=cpus, pids=pids) as box:
+        code = box.run(command, **options)  # type: ignore[arg-type]
+        if commit:
+            box.commit(commit)
+        return code
+
+
+def _make_cgroups(run_id: str, limits: cgroups.Limits) -> cgroups.RunCgroups:
+    chosen = cgroups.choose(cgroups.read_hierarchies(
+        Path("/proc/self/mountinfo").read_text(), Path("/proc/self/cgroup").read_text()))
+    wanted = {controller: hierarchy for controller, hierarchy in chosen.items()
+              if cgroups.limits_use(controller, limits)}
+    missing = [controller for controller in cgroups.CONTROLLERS
+               if cgroups.limits_use(controller, limits) and controller not in wanted]
+    if missing:
+        raise SandboxError(f"no cgroup hierarchy offers the {', '.join(missing)} controller")
+    run_cgroups = cgroups.RunCgroups(run_id, wanted)
+    run_cgroups.create(limits)
+    return run_cgroups
+
+
+def _owner_is_gone(run_id: str) -> bool:
+    """Whether the process that made *run_id* (`<pid>-<random>`) has ended."""
+    pid, _, _ = run_id.partition("-")
+    return pid.isdigit() and not os.path.exists(f"/proc/{pid}")
+
+
+def sweep_leftovers() -> list[str]:
+    """Remove what runs killed with SIGKILL left behind: cgroups, mounts, scratch directories."""
+    swept = []
+    hierarchies = cgroups.read_hierarchies(Path("/proc/self/mountinfo").read_text(),
+                                           Path("/proc/self/cgroup").read_text())
+    for path in cgroups.leftovers(hierarchies):
+        run_id = os.path.basename(path)[len(cgroups.CGROUP_PREFIX):]
+        if _owner_is_gone(run_id):
+            leftover = cgroups.RunCgroups(run_id, {})
+            leftover.directories = [path]
+            leftover.remove()
+            swept.append(path)
+    scratch_root = tempfile.gettempdir()
+    for name in os.listdir(scratch_root):
+        if not name.startswith(RUN_PREFIX) or not _owner_is_gone(name[len(RUN_PREFIX):]):
+            continue
+        scratch = os.path.join(scratch_root, name)
+        for mount in read_mountinfo():
+            if mount.mountpoint.startswith(scratch + os.sep):
+                unmount(mount.mountpoint, lazy=True)
+                swept.append(mount.mountpoint)
+        shutil.rmtree(scratch, ignore_errors=True)
+        swept.append(scratch)
+    for path in swept:
+        log.info("swept %s, left by a killed run", path)
+    return swept

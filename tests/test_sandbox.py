@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import cowfs_command, wait_until
 
-from cowfs import cgroups
+from cowfs import cgroups, sandbox
 from cowfs.layers import read_mountinfo
 
 pytestmark = pytest.mark.mounts
@@ -210,3 +210,25 @@ def test_commit_makes_a_layer_the_next_run_stacks_on(rootfs: Path, tmp_path: Pat
     assert lines[-2].startswith("-rw-------") and lines[-1].split()[0] == "500000"
     refused = shell(rootfs, "true", "--commit", str(layer))
     assert refused.returncode == 2 and "exists already" in refused.stderr
+
+
+def test_host_network_shares_the_hosts_interfaces(rootfs: Path) -> None:
+    result = shell(rootfs, "ls /sys/class/net", "--net", "host")
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stdout.split()) == sorted(os.listdir("/sys/class/net"))
+
+
+def test_the_library_api(rootfs: Path, tmp_path: Path) -> None:
+    assert sandbox.run(str(rootfs), ["/bin/sh", "-c", "exit 3"]) == 3
+    upper, layer = tmp_path / "upper", tmp_path / "layer"
+    with sandbox.Sandbox([str(rootfs)], upper=str(upper), pids=30) as box:
+        assert box.run(["/bin/sh", "-c", "echo one > /one"]) == 0
+        assert box.run(["/bin/grep", "-q", "one", "/one"], user=(1000, 1000)) == 0
+        box.commit(str(layer))
+    assert (upper / "one").read_text() == "one\n"
+    assert (layer / "one").read_text() == "one\n"
+    assert not any("cowfs-run-" in mount.mountpoint for mount in read_mountinfo())
+    assert no_leftover_cgroups()
+    with pytest.raises(sandbox.SandboxError, match="does not exist"), \
+            sandbox.Sandbox(str(tmp_path / "missing")):
+        pass

@@ -1,0 +1,204 @@
+"""The inside of a sandbox: namespaces, PID 1, the root, the payload (DESIGN.md §8).
+
+`cowfs.sandbox` starts this module in a fresh interpreter
+(`python -m cowfs._sandbox_helper CONFIG`), never in
+a fork of a threaded process: unshare of the mount namespace in a threaded process moves one
+thread only. That helper unshares, forks PID 1 of the new pid namespace, which builds /proc,
+/dev and /sys inside the root, `pivot_root`s into it (plain chroot can be escaped), and forks the
+payload with every capability dropped and no_new_privs set. PID 1 reaps orphans, forwards
+signals, and exits with the payload's status (128+n when signal n killed it).
+
+Limits come from cgroups.py: the helper joins the run's cgroups before it unshares.
+"""
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import traceback
+
+from cowfs import _libc
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+                     signal.SIGUSR1, signal.SIGUSR2)
+NAMESPACES = (_libc.CLONE_NEWNS | _libc.CLONE_NEWPID | _libc.CLONE_NEWUTS | _libc.CLONE_NEWIPC
+              | _libc.CLONE_NEWNET | _libc.CLONE_NEWCGROUP)
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+# Paths of /proc a payload must not read or write (as runc and docker mask them).
+MASKED_FILES = ("kcore", "keys", "timer_list", "sched_debug", "sysrq-trigger")
+MASKED_DIRECTORIES = ("acpi", "scsi", "firmware")
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
+_IFREQ = struct.Struct("16sh22x")
+
+
+@dataclasses.dataclass
+class SandboxConfig:
+    root: str                         # the merged mount: becomes /
+    command: list[str]
+    hostname: str = "cowfs"
+    environment: dict[str, str] = dataclasses.field(default_factory=lambda: {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/", "TERM": os.environ.get("TERM", "xterm")})
+    workdir: str = "/"
+    uid: int = 0
+    gid: int = 0
+    network: str = "none"             # "none": a namespace with lo only; "host": the host's
+    # cgroup.procs files the helper joins before anything else: the limits hold for PID 1 and
+    # the payload, never for the FUSE daemon, which was started before.
+    cgroup_procs: list[str] = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "SandboxConfig":
+        return cls(**json.loads(text))
+
+
+def exit_code(status: int) -> int:
+    """A wait status as a shell reports it: the exit code, or 128+n for signal n."""
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def main(config: SandboxConfig) -> int:
+    """In the helper: join the run's cgroups, enter new namespaces, start PID 1, wait for it."""
+    _die_with_parent()
+    for procs in config.cgroup_procs:
+        with open(procs, "w") as file:
+            file.write(str(os.getpid()))
+    _libc.unshare(NAMESPACES if config.network == "none" else NAMESPACES & ~_libc.CLONE_NEWNET)
+    init = os.fork()
+    if init == 0:
+        code = 127
+        try:
+            _die_with_parent()
+            code = _init(config)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, lambda signum, _frame: _forward(init, signum))
+    _, status = os.waitpid(init, 0)
+    return exit_code(status)
+
+
+def _die_with_parent() -> None:
+    """A `cowfs run` killed with SIGKILL takes the sandbox with it: nothing keeps running."""
+    parent = os.getppid()
+    _libc.prctl(_libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:        # the parent died before the request took hold
+        os._exit(128 + signal.SIGKILL)
+
+
+def _forward(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _init(config: SandboxConfig) -> int:
+    """PID 1: build the root, pivot into it, run the payload, reap, pass its status on."""
+    _libc.mount("none", "/", None, _libc.MS_REC | _libc.MS_PRIVATE)
+    _prepare_root(config.root)
+    socket.sethostname(config.hostname)
+    if config.network == "none":
+        _loopback_up()
+    os.chdir(config.root)
+    _libc.pivot_root(".", ".")           # the old root stacks under the new one ...
+    _libc.umount2(".", _libc.MNT_DETACH)  # ... and goes (pivot_root(2), "new_root == put_old")
+    os.chdir("/")
+    payload = os.fork()
+    if payload == 0:
+        _exec_payload(config)
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, lambda signum, _frame: _forward(payload, signum))
+    while True:
+        pid, status = os.wait()
+        if pid == payload:
+            return exit_code(status)
+
+
+def _mkdir(path: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _prepare_root(root: str) -> None:
+    """/proc of the new pid namespace, a small /dev, a read-only /sys; sensitive paths masked."""
+    secure = _libc.MS_NOSUID | _libc.MS_NODEV | _libc.MS_NOEXEC
+    proc = _mkdir(os.path.join(root, "proc"))
+    _libc.mount("proc", proc, "proc", secure)
+    for name in MASKED_FILES:
+        if os.path.exists(os.path.join(proc, name)):
+            _libc.mount("/dev/null", os.path.join(proc, name), None, _libc.MS_BIND)
+    for name in MASKED_DIRECTORIES:
+        if os.path.isdir(os.path.join(proc, name)):
+            _libc.mount("tmpfs", os.path.join(proc, name), "tmpfs", _libc.MS_RDONLY | secure)
+    proc_sys = os.path.join(proc, "sys")
+    _libc.mount(proc_sys, proc_sys, None, _libc.MS_BIND | _libc.MS_REC)
+    _libc.mount(proc_sys, proc_sys, None,
+                _libc.MS_BIND | _libc.MS_REMOUNT | _libc.MS_RDONLY | secure)
+    dev = _mkdir(os.path.join(root, "dev"))
+    _libc.mount("tmpfs", dev, "tmpfs", _libc.MS_NOSUID | _libc.MS_NOEXEC, "mode=755,size=65536k")
+    for name in DEVICES:
+        node = os.path.join(dev, name)
+        open(node, "w").close()
+        _libc.mount(f"/dev/{name}", node, None, _libc.MS_BIND)
+    pts = _mkdir(os.path.join(dev, "pts"))
+    _libc.mount("devpts", pts, "devpts", _libc.MS_NOSUID | _libc.MS_NOEXEC,
+                "newinstance,ptmxmode=0666,mode=620")
+    os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
+    _libc.mount("shm", _mkdir(os.path.join(dev, "shm")), "tmpfs", secure, "mode=1777")
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, os.path.join(dev, name))
+    sys_dir = _mkdir(os.path.join(root, "sys"))
+    try:
+        _libc.mount("sysfs", sys_dir, "sysfs", _libc.MS_RDONLY | secure)
+    except PermissionError:
+        # Sharing the host's network namespace, a new sysfs is not allowed: bind it read-only.
+        _libc.mount("/sys", sys_dir, None, _libc.MS_BIND | _libc.MS_REC)
+        _libc.mount("/sys", sys_dir, None,
+                    _libc.MS_BIND | _libc.MS_REMOUNT | _libc.MS_RDONLY | secure)
+
+
+def _loopback_up() -> None:
+    """The new network namespace has only lo, down: bring it up."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = _IFREQ.pack(b"lo", 0)
+        flags = _IFREQ.unpack(fcntl.ioctl(sock, _SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock, _SIOCSIFFLAGS, _IFREQ.pack(b"lo", flags | _IFF_UP))
+
+
+def _exec_payload(config: SandboxConfig) -> None:
+    """Become the payload: its user, no capability, no new privileges, only fds 0-2."""
+    try:
+        for signum in FORWARDED_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        with open("/proc/sys/kernel/cap_last_cap") as cap_last_cap:
+            last_capability = int(cap_last_cap.read())
+        for capability in range(last_capability + 1):
+            _libc.prctl(_libc.PR_CAPBSET_DROP, capability)
+        _libc.prctl(_libc.PR_CAP_AMBIENT, _libc.PR_CAP_AMBIENT_CLEAR_ALL)
+        os.setgroups([])
+        os.setgid(config.gid)
+        os.setuid(config.uid)
+        _libc.clear_capabilities()
+        _libc.prctl(_libc.PR_SET_NO_NEW_PRIVS, 1)
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        os.chdir(config.workdir)
+        os.execvpe(config.command[0], config.command, config.environment)
+    except BaseException as exc:
+        print(f"cowfs run: cannot start {config.command[0]}: {exc}", file=sys.stderr)
+        os._exit(127)
+
+
+if __name__ == "__main__":
+    sys.exit(main(SandboxConfig.from_json(sys.argv[1])))
