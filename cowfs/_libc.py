@@ -56,7 +56,9 @@ PR_SET_PDEATHSIG = 1
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_SET_KEEPCAPS = 8
 
 # Syscalls glibc does not wrap, by architecture (see syscall(2)).
 _SYSCALL_NUMBERS = {
@@ -102,8 +104,30 @@ def prctl(option: int, argument: int = 0, argument3: int = 0) -> None:
                        ctypes.c_ulong(0), ctypes.c_ulong(0)), "prctl")
 
 
-def clear_capabilities() -> None:
-    """Empty the effective, permitted and inheritable sets of this thread (capset(2))."""
+# capabilities(7), in kernel order: a name's index is its number.
+CAPABILITY_NAMES = (
+    "chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid", "setuid",
+    "setpcap", "linux_immutable", "net_bind_service", "net_broadcast", "net_admin", "net_raw",
+    "ipc_lock", "ipc_owner", "sys_module", "sys_rawio", "sys_chroot", "sys_ptrace",
+    "sys_pacct", "sys_admin", "sys_boot", "sys_nice", "sys_resource", "sys_time",
+    "sys_tty_config", "mknod", "lease", "audit_write", "audit_control", "setfcap",
+    "mac_override", "mac_admin", "syslog", "wake_alarm", "block_suspend", "audit_read",
+    "perfmon", "bpf", "checkpoint_restore")
+
+
+def capability_number(name: str) -> int:
+    """`CAP_NET_BIND_SERVICE`, `net_bind_service` -> 10."""
+    key = name.lower().removeprefix("cap_")
+    try:
+        return CAPABILITY_NAMES.index(key)
+    except ValueError:
+        raise ValueError(f"unknown capability {name!r}") from None
+
+
+def set_capabilities(numbers: frozenset[int] = frozenset()) -> None:
+    """Set this thread's effective, permitted and inheritable sets to *numbers* (capset(2))."""
     header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (ctypes.c_uint32 * 6)()
+    low = sum(1 << number for number in numbers if number < 32)
+    high = sum(1 << (number - 32) for number in numbers if number >= 32)
+    data = (ctypes.c_uint32 * 6)(low, low, low, high, high, high)
     _check(_libc.syscall(_syscall_number("capset"), header, data), "capset")

@@ -48,6 +48,7 @@ class SandboxConfig:
     uid: int = 0
     gid: int = 0
     network: str = "none"             # "none": a namespace with lo only; "host": the host's
+    capabilities: list[int] = dataclasses.field(default_factory=list)   # kept; none by default
     # cgroup.procs files the helper joins before anything else: the limits hold for PID 1 and
     # the payload, never for the FUSE daemon, which was started before.
     cgroup_procs: list[str] = dataclasses.field(default_factory=list)
@@ -182,15 +183,21 @@ def _exec_payload(config: SandboxConfig) -> None:
     try:
         for signum in FORWARDED_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
+        kept = frozenset(config.capabilities)
         with open("/proc/sys/kernel/cap_last_cap") as cap_last_cap:
             last_capability = int(cap_last_cap.read())
         for capability in range(last_capability + 1):
-            _libc.prctl(_libc.PR_CAPBSET_DROP, capability)
+            if capability not in kept:
+                _libc.prctl(_libc.PR_CAPBSET_DROP, capability)
         _libc.prctl(_libc.PR_CAP_AMBIENT, _libc.PR_CAP_AMBIENT_CLEAR_ALL)
         os.setgroups([])
         os.setgid(config.gid)
+        if kept and config.uid != 0:
+            _libc.prctl(_libc.PR_SET_KEEPCAPS, 1)     # keep the permitted set across setuid
         os.setuid(config.uid)
-        _libc.clear_capabilities()
+        _libc.set_capabilities(kept)
+        for capability in kept if config.uid != 0 else ():
+            _libc.prctl(_libc.PR_CAP_AMBIENT, _libc.PR_CAP_AMBIENT_RAISE, capability)
         _libc.prctl(_libc.PR_SET_NO_NEW_PRIVS, 1)
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         os.chdir(config.workdir)

@@ -116,6 +116,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     run.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 256M (no swap)")
     run.add_argument("--cpus", type=float, metavar="N", help="CPU time, e.g. 0.5 of one CPU")
     run.add_argument("--pids", type=int, metavar="N", help="at most N processes")
+    run.add_argument("--cap-add", action="append", default=[], metavar="CAPABILITY",
+                     help="a capability the payload keeps (all are dropped otherwise)")
     run.add_argument("--net", choices=("none", "host"), default="none",
                      help="none: a network namespace with lo only (default); host: the host's")
 
@@ -342,7 +344,7 @@ def _run(arguments: argparse.Namespace) -> int:
         try:
             code = box.run(arguments.payload, hostname=arguments.hostname, env=environment,
                            workdir=arguments.workdir, user=(uid, gid), network=arguments.net,
-                           on_start=_forward_signals)
+                           capabilities=arguments.cap_add, on_start=_forward_signals)
         finally:
             for signum in RUN_SIGNALS:
                 signal.signal(signum, signal.SIG_IGN)

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from cowfs import cgroups
+from cowfs import _libc, cgroups
 from cowfs._sandbox_helper import SandboxConfig
 from cowfs.commit import CommitError, commit_upper
 from cowfs.layers import read_mountinfo, unmount
@@ -96,19 +96,26 @@ class Sandbox:
     def run(self, command: Sequence[str], *, hostname: str = "cowfs",
             env: dict[str, str] | None = None, workdir: str = "/",
             user: tuple[int, int] = (0, 0), network: str = "none",
+            capabilities: Sequence[str] = (),
             on_start: Callable[[subprocess.Popen[bytes]], None] | None = None) -> int:
         """Run *command* in new namespaces; its exit status, 128+n if signal n ended it.
 
-        *on_start* gets the helper process, to which a caller may forward signals.
+        *capabilities* names the ones the payload keeps (`net_bind_service`, ...); by default
+        it keeps none. *on_start* gets the helper process, to which a caller may forward
+        signals.
         """
         if network not in ("none", "host"):
             raise SandboxError(f"network must be none or host, not {network!r}")
+        try:
+            kept = sorted({_libc.capability_number(name) for name in capabilities})
+        except ValueError as exc:
+            raise SandboxError(str(exc)) from None
         environment = SandboxConfig(root="", command=[]).environment
         environment.update(env or {})
         assert self.cgroups is not None, "run inside `with Sandbox(...)`"
         config = SandboxConfig(root=self.merged, command=list(command), hostname=hostname,
                                environment=environment, workdir=workdir, uid=user[0],
-                               gid=user[1], network=network,
+                               gid=user[1], network=network, capabilities=kept,
                                cgroup_procs=[os.path.join(directory, "cgroup.procs")
                                              for directory in self.cgroups.directories])
         helper = subprocess.Popen([sys.executable, "-m", "cowfs._sandbox_helper",

@@ -232,3 +232,13 @@ def test_the_library_api(rootfs: Path, tmp_path: Path) -> None:
     with pytest.raises(sandbox.SandboxError, match="does not exist"), \
             sandbox.Sandbox(str(tmp_path / "missing")):
         pass
+
+
+@pytest.mark.parametrize("user", ["0:0", "1000:1000"])
+def test_named_capabilities_are_kept(rootfs: Path, user: str) -> None:
+    result = shell(rootfs, "grep -E '^(CapEff|CapBnd)' /proc/self/status", "--user", user,
+                   "--cap-add", "CAP_NET_BIND_SERVICE", "--cap-add", "chown")
+    fields = dict(line.split(":\t") for line in result.stdout.splitlines())
+    assert fields == {"CapEff": "0000000000000401", "CapBnd": "0000000000000401"}
+    unknown = shell(rootfs, "true", "--cap-add", "bogus")
+    assert unknown.returncode == 2 and unknown.stderr == "cowfs: unknown capability 'bogus'\n"
