@@ -58,9 +58,6 @@ class InodeTable:
         self._fds = fds
         self._nodes: dict[NodeId, Node] = {ROOT_ID: Node(ROOT_ID, union.root)}
 
-    def __len__(self) -> int:
-        return len(self._nodes)
-
     def id_for(self, entry: Entry) -> NodeId:
         return NodeId(self._union.inode_number(entry))
 

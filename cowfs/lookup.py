@@ -398,7 +398,3 @@ def stat_entry(fds: DirectoryFds, entry: Entry) -> os.stat_result:
         return os.stat(fds.fd(entry, entry.layer))
     directory_fd, name = entry.location(fds)
     return os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
-
-
-def not_a_directory(entry: Entry) -> OSError:
-    return OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), entry.name)

@@ -202,11 +202,13 @@ class Operations(pyfuse3.Operations):
             while entry is not None and (done := self._copying.get(entry)) is not None:
                 await done.wait()
 
-    def _pin_before_removal(self, parent: Entry, name: str) -> None:
-        """A name about to go: the kernel may still stat its node (open files, hard links)."""
+    async def _prepare_removal(self, parent: Entry, name: str) -> None:
+        """A name about to go: let its copy-up finish, and keep its node reachable, since the
+        kernel may still stat it (open files, hard links)."""
         entry = self.union.lookup(parent, name)
         if entry is None:
             return
+        await self._settle(entry)
         node = self.nodes.find(entry)
         if node is not None:
             node.pin(self.union)
@@ -443,15 +445,14 @@ class Operations(pyfuse3.Operations):
     async def unlink(self, parent_inode: pyfuse3.InodeT, name: bytes,
                      ctx: pyfuse3.RequestContext) -> None:
         parent = self._directory_node(parent_inode)
-        await self._settle(self.union.lookup(parent.entry, os.fsdecode(name)))
-        self._pin_before_removal(parent.entry, os.fsdecode(name))
+        await self._prepare_removal(parent.entry, os.fsdecode(name))
         self.union.unlink(parent.entry, os.fsdecode(name))
 
     @replies_errno
     async def rmdir(self, parent_inode: pyfuse3.InodeT, name: bytes,
                     ctx: pyfuse3.RequestContext) -> None:
         parent = self._directory_node(parent_inode)
-        self._pin_before_removal(parent.entry, os.fsdecode(name))
+        await self._prepare_removal(parent.entry, os.fsdecode(name))
         self.union.rmdir(parent.entry, os.fsdecode(name))
 
     @replies_errno
@@ -463,9 +464,10 @@ class Operations(pyfuse3.Operations):
         source = self.union.lookup(old_parent.entry, os.fsdecode(name_old))
         if source is not None:
             await self._copy_up(source)
-        await self._settle(self.union.lookup(new_parent.entry, os.fsdecode(name_new)))
-        if not flags & pyfuse3.RENAME_EXCHANGE:
-            self._pin_before_removal(new_parent.entry, os.fsdecode(name_new))
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            await self._settle(self.union.lookup(new_parent.entry, os.fsdecode(name_new)))
+        else:
+            await self._prepare_removal(new_parent.entry, os.fsdecode(name_new))
         self.union.rename(old_parent.entry, os.fsdecode(name_old), new_parent.entry,
                           os.fsdecode(name_new), flags)
 

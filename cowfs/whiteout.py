@@ -91,11 +91,6 @@ def directory_opacity(fd: int) -> Opacity:
     return Opacity.MERGED
 
 
-def is_private_xattr(attribute: str) -> bool:
-    """overlay's bookkeeping, hidden from users (its escaped form is shown, see below)."""
-    return attribute.startswith(OVERLAY_XATTR_PREFIXES)
-
-
 def visible_xattr_name(attribute: str) -> str | None:
     """The name a user sees for a stored xattr, or None when it is private.
 
