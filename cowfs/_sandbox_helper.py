@@ -1,9 +1,9 @@
 """The inside of a sandbox: namespaces, PID 1, the root, the payload (DESIGN.md §8).
 
-`cowfs.sandbox` starts this module in a fresh interpreter
-(`python -m cowfs._sandbox_helper CONFIG`), never in
-a fork of a threaded process: unshare of the mount namespace in a threaded process moves one
-thread only. That helper unshares, forks PID 1 of the new pid namespace, which builds /proc,
+`cowfs.sandbox` forks the helper, or, when the caller has threads, starts this module in a fresh
+interpreter (`python -m cowfs._sandbox_helper CONFIG`): a fork of a threaded process can
+deadlock on locks other threads held, and unshare of the mount namespace in a threaded process
+is refused. The helper unshares, forks PID 1 of the new pid namespace, which builds /proc,
 /dev and /sys inside the root, `pivot_root`s into it (plain chroot can be escaped), and forks the
 payload with every capability dropped and no_new_privs set. PID 1 reaps orphans, forwards
 signals, and exits with the payload's status (128+n when signal n killed it).
@@ -69,7 +69,14 @@ def exit_code(status: int) -> int:
 
 
 def main(config: SandboxConfig) -> int:
-    """In the helper: join the run's cgroups, enter new namespaces, start PID 1, wait for it."""
+    """In the helper: join the run's cgroups, enter new namespaces, start PID 1, wait for it.
+
+    The helper may be a fork of its caller: it drops the caller's signal handlers and fds first,
+    so PID 1 holds nothing of the host's but the payload's stdio.
+    """
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     _die_with_parent()
     for procs in config.cgroup_procs:
         with open(procs, "w") as file:
@@ -152,6 +159,7 @@ def _prepare_root(root: str) -> None:
         node = os.path.join(dev, name)
         open(node, "w").close()
         _libc.mount(f"/dev/{name}", node, None, _libc.MS_BIND)
+    _bind_terminal(os.path.join(dev, "console"))
     pts = _mkdir(os.path.join(dev, "pts"))
     _libc.mount("devpts", pts, "devpts", _libc.MS_NOSUID | _libc.MS_NOEXEC,
                 "newinstance,ptmxmode=0666,mode=620")
@@ -168,6 +176,20 @@ def _prepare_root(root: str) -> None:
         _libc.mount("/sys", sys_dir, None, _libc.MS_BIND | _libc.MS_REC)
         _libc.mount("/sys", sys_dir, None,
                     _libc.MS_BIND | _libc.MS_REMOUNT | _libc.MS_RDONLY | secure)
+
+
+def _bind_terminal(console: str) -> None:
+    """A terminal on stdin shows inside as /dev/console (as runc does), so `tty` names it.
+
+    The payload keeps the terminal as its stdio and controlling terminal either way; the host's
+    /dev/pts is not visible inside, so without this ttyname() fails.
+    """
+    try:
+        terminal = os.ttyname(0)
+    except OSError:
+        return
+    open(console, "w").close()
+    _libc.mount(terminal, console, None, _libc.MS_BIND)
 
 
 def _loopback_up() -> None:

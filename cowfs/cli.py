@@ -1,15 +1,15 @@
 """`cowfs mount / umount / demo`: argument parsing, the daemon's start, exit codes."""
 
 import argparse
+import contextlib
 import logging
 import os
-import resource
 import signal
-import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import cowfs
+from cowfs import daemon
 from cowfs.layers import (
     LayerStack,
     LayoutError,
@@ -212,70 +212,13 @@ def start_daemon(stack: LayerStack, mountpoint: str, *, readonly: bool,
                  fsname: str, foreground: bool, log_file: str | None) -> int:
     """Mount; in the background, return only once the mount is live (or has failed)."""
     if foreground:
-        _serve(stack, mountpoint, readonly=readonly, fsname=fsname)
+        daemon.serve(stack, mountpoint, readonly=readonly, fsname=fsname)
         return EXIT_OK
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:   # the daemon
-        os.close(read_end)
-        os._exit(_daemon(stack, mountpoint, write_end, readonly=readonly, fsname=fsname,
-                         log_file=log_file))
-    os.close(write_end)
-    stack.close()
-    with os.fdopen(read_end, "rb") as pipe:
-        report = pipe.read()
-    if report == b"ready":
-        return EXIT_OK
-    os.waitpid(pid, 0)
-    reason = report.decode(errors="replace").strip() or "the daemon died before mounting"
-    raise CliError(f"cannot mount {mountpoint}: {reason}", EXIT_MOUNT_FAILED)
-
-
-def _daemon(stack: LayerStack, mountpoint: str, report_fd: int, *,
-            readonly: bool, fsname: str, log_file: str | None) -> int:
-    os.setsid()
-    with os.fdopen(report_fd, "wb", buffering=0) as report:
-        def mounted() -> None:
-            # podman waits for EOF on our stderr too: no fd of the caller's may stay open.
-            _detach_stdio(log_file)
-            report.write(b"ready")
-            report.close()
-        try:
-            _serve(stack, mountpoint, readonly=readonly, fsname=fsname, on_mounted=mounted)
-        except BaseException as exc:
-            if not report.closed:
-                report.write(str(exc).encode())
-                return EXIT_MOUNT_FAILED
-            log.exception("daemon failed")
-            return EXIT_UNEXPECTED
+    try:
+        daemon.start(stack, mountpoint, readonly=readonly, fsname=fsname, log_file=log_file)
+    except daemon.DaemonError as exc:
+        raise CliError(f"cannot mount {mountpoint}: {exc}", EXIT_MOUNT_FAILED) from None
     return EXIT_OK
-
-
-def _detach_stdio(log_file: str | None) -> None:
-    null = os.open(os.devnull, os.O_RDWR)
-    target = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600) if log_file \
-        else null
-    os.dup2(null, 0)
-    os.dup2(target, 1)
-    os.dup2(target, 2)
-    for fd in {null, target}:
-        os.close(fd)
-
-
-def _serve(stack: LayerStack, mountpoint: str, *, readonly: bool,
-           fsname: str, on_mounted: Callable[[], None] | None = None) -> None:
-    from cowfs import mount, union
-    _raise_fd_limit()
-    os.umask(0)   # the kernel applies the caller's umask before asking us
-    operations = mount.Operations(union.Union(stack))
-    mount.run(operations, mountpoint, mount.fuse_options(readonly=readonly, fsname=fsname),
-              on_mounted or (lambda: None))
-
-
-def _raise_fd_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def command_umount(mountpoint: str, *, lazy: bool = False) -> int:
@@ -353,6 +296,11 @@ def _run(arguments: argparse.Namespace) -> int:
         return code
 
 
-def _forward_signals(helper: subprocess.Popen[bytes]) -> None:
+def _forward_signals(helper: int) -> None:
     for signum in RUN_SIGNALS:
-        signal.signal(signum, lambda signum, _frame: helper.send_signal(signum))
+        signal.signal(signum, lambda signum, _frame: _send(helper, signum))
+
+
+def _send(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)

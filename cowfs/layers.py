@@ -69,6 +69,13 @@ class LayerStack:
     def top(self) -> Layer:
         return self.layers[0]
 
+    def fds(self) -> list[int]:
+        """Every fd the stack holds: a forked daemon keeps these and closes the rest."""
+        fds = [layer.fd for layer in self.layers]
+        if self.work is not None:
+            fds += [self.work.staging_fd, self.work.index_fd, *self.work.lock_fds]
+        return fds
+
     def close(self) -> None:
         for layer in self.layers:
             os.close(layer.fd)

@@ -21,13 +21,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from cowfs import _libc, cgroups
+from cowfs import _libc, _sandbox_helper, cgroups, daemon
 from cowfs._sandbox_helper import SandboxConfig
 from cowfs.commit import CommitError, commit_upper
-from cowfs.layers import read_mountinfo, unmount
+from cowfs.layers import LayoutError, open_stack, parse_lowerdirs, read_mountinfo, unmount
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,7 @@ class Sandbox:
         self.merged = ""
         self.upper = ""
         self.cgroups: cgroups.RunCgroups | None = None
+        self.daemon_pid: int | None = None
 
     def __enter__(self) -> "Sandbox":
         sweep_leftovers()
@@ -81,28 +85,47 @@ class Sandbox:
         os.mkdir(self.merged)
         self.upper = self.kept_upper or os.path.join(self.scratch, "upper")
         os.makedirs(self.upper, exist_ok=True)
+        workdir = None if self.kept_upper else os.path.join(self.scratch, "work")
+        if threading.active_count() == 1:
+            self.daemon_pid = self._mount_forked(workdir)
+        else:
+            self._mount_by_command(workdir)
+        self.cgroups = _make_cgroups(os.path.basename(self.scratch)[len(RUN_PREFIX):],
+                                     self.limits)
+
+    def _mount_forked(self, workdir: str | None) -> int:
+        """The daemon as a fork of this process: no interpreter to start, no module to load."""
+        try:
+            stack = open_stack(parse_lowerdirs(self.lowerdir), self.upper, workdir)
+        except LayoutError as exc:
+            raise SandboxError(str(exc)) from None
+        try:
+            return daemon.start(stack, self.merged, readonly=False)
+        except daemon.DaemonError as exc:
+            raise SandboxError(f"cannot mount {self.merged}: {exc}", 32) from None
+
+    def _mount_by_command(self, workdir: str | None) -> None:
+        """The daemon started by `cowfs mount`: a fork of a threaded caller is not safe."""
         command = [sys.executable, "-m", "cowfs", "mount", self.lowerdir, self.upper,
                    self.merged]
-        if not self.kept_upper:
-            command += ["--workdir", os.path.join(self.scratch, "work")]
+        if workdir:
+            command += ["--workdir", workdir]
         mounted = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
                                  text=True, check=False)
         if mounted.returncode != 0:
             raise SandboxError(mounted.stderr.strip().removeprefix("cowfs: "),
                                mounted.returncode)
-        self.cgroups = _make_cgroups(os.path.basename(self.scratch)[len(RUN_PREFIX):],
-                                     self.limits)
 
     def run(self, command: Sequence[str], *, hostname: str = "cowfs",
             env: dict[str, str] | None = None, workdir: str = "/",
             user: tuple[int, int] = (0, 0), network: str = "none",
             capabilities: Sequence[str] = (),
-            on_start: Callable[[subprocess.Popen[bytes]], None] | None = None) -> int:
+            on_start: Callable[[int], None] | None = None) -> int:
         """Run *command* in new namespaces; its exit status, 128+n if signal n ended it.
 
         *capabilities* names the ones the payload keeps (`net_bind_service`, ...); by default
-        it keeps none. *on_start* gets the helper process, to which a caller may forward
-        signals.
+        it keeps none. *on_start* gets the pid of the helper process, to which a caller may
+        forward signals.
         """
         if network not in ("none", "host"):
             raise SandboxError(f"network must be none or host, not {network!r}")
@@ -118,13 +141,13 @@ class Sandbox:
                                gid=user[1], network=network, capabilities=kept,
                                cgroup_procs=[os.path.join(directory, "cgroup.procs")
                                              for directory in self.cgroups.directories])
-        helper = subprocess.Popen([sys.executable, "-m", "cowfs._sandbox_helper",
-                                   config.to_json()])
+        helper = _start_helper(config)
         if on_start is not None:
             on_start(helper)
-        code = helper.wait()
+        _, status = os.waitpid(helper, 0)
+        code = _sandbox_helper.exit_code(status)
         self.cgroups.kill()        # what the payload left behind, before anything else runs
-        return 128 - code if code < 0 else code
+        return code
 
     def commit(self, layer_directory: str) -> None:
         """Save the changes so far as a new layer directory."""
@@ -147,6 +170,44 @@ class Sandbox:
             if self.scratch and not any(mount.mountpoint.startswith(self.scratch + os.sep)
                                         for mount in read_mountinfo()):
                 shutil.rmtree(self.scratch, ignore_errors=True)
+            if self.daemon_pid is not None:
+                _reap(self.daemon_pid)
+                self.daemon_pid = None
+
+
+def _start_helper(config: SandboxConfig) -> int:
+    """The helper's pid: a fork of this process, or a fresh interpreter if it has threads.
+
+    A fork of a threaded process can deadlock on a lock another thread held; the fresh
+    interpreter costs about 50 ms more.
+    """
+    if threading.active_count() > 1:
+        return os.posix_spawn(sys.executable, [sys.executable, "-m", "cowfs._sandbox_helper",
+                                               config.to_json()], os.environ)
+    pid = os.fork()
+    if pid == 0:
+        code = 127
+        try:
+            code = _sandbox_helper.main(config)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _reap(pid: int, timeout: float = 10.0) -> None:
+    """Wait for a forked daemon to end after its unmount, so no zombie stays behind."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done:
+            return
+        time.sleep(0.001)
+    log.warning("mount daemon %d still running after its unmount", pid)
 
 
 def _unmounts(path: str) -> bool:

@@ -20,14 +20,16 @@ def run_cowfs(*arguments: str, cwd: Path | None = None) -> subprocess.CompletedP
 
 
 def daemons_serving(path: Path) -> list[int]:
-    """Pids of cowfs processes whose command line names *path*."""
+    """Pids of the daemons serving *path*: in the background they name themselves
+    `cowfs daemon MERGED`; in the foreground they keep their command line."""
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"cowfs" in arguments and str(path).encode() in arguments:
+        if arguments[0] == f"cowfs daemon {path}".encode() or (
+                b"cowfs" in arguments and str(path).encode() in arguments):
             pids.append(int(pid))
     return pids
 

@@ -1,9 +1,16 @@
 """`cowfs run`: a payload in new namespaces, with a busybox root made at test time."""
 
+import fcntl
 import os
+import pty
+import select
 import shutil
 import signal
+import struct
 import subprocess
+import termios
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +22,8 @@ from cowfs.layers import read_mountinfo
 pytestmark = pytest.mark.mounts
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
-APPLETS = ("sh", "ps", "hostname", "cat", "ls", "echo", "mkdir", "chroot", "grep")
+APPLETS = ("sh", "ps", "hostname", "cat", "ls", "echo", "mkdir", "chroot", "grep", "sleep",
+           "stty", "tty")
 
 
 @pytest.fixture
@@ -169,6 +177,57 @@ def test_signals_reach_the_payload(rootfs: Path, tmp_path: Path) -> None:
     finally:
         process.kill()
         process.wait(timeout=30)
+
+
+def test_a_terminal_passes_through(rootfs: Path) -> None:
+    """Typed input reaches the payload, it sees a terminal of the right size, ^C interrupts it."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 77, 0, 0))
+    script = ("test -t 0 && test -t 1 && echo in-a-terminal; tty; stty size; read line;"
+              "echo got:$line; sleep 300")
+    process = subprocess.Popen(
+        cowfs_command("run", str(rootfs), "--", "/bin/sh", "-c", script),
+        stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True,
+        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    os.close(terminal)
+    seen = b""
+
+    def read_until(marker: bytes) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 60
+        while marker not in seen and time.monotonic() < deadline:
+            if select.select([controller], [], [], 1)[0]:
+                seen += os.read(controller, 4096)
+        assert marker in seen, seen.decode(errors="replace")
+
+    try:
+        read_until(b"33 77")
+        os.write(controller, b"typed in\n")
+        read_until(b"got:typed in")
+        os.write(controller, b"\x03")            # ^C: SIGINT to the foreground process group
+        assert process.wait(timeout=30) == 128 + signal.SIGINT
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+        os.close(controller)
+    lines = seen.decode().splitlines()
+    assert "in-a-terminal" in lines and "/dev/console" in lines
+
+
+def test_a_caller_with_threads_gets_fresh_interpreters(rootfs: Path) -> None:
+    """A fork of a threaded process is unsafe: the daemon and helper are started by exec."""
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        with sandbox.Sandbox(str(rootfs)) as box:
+            assert box.daemon_pid is None
+            assert box.run(["/bin/sh", "-c", "echo inside > /file; exit 5"]) == 5
+            assert (Path(box.upper) / "file").read_text() == "inside\n"
+    finally:
+        stop.set()
+        thread.join()
+    assert not any("cowfs-run-" in mount.mountpoint for mount in read_mountinfo())
 
 
 def test_a_killed_run_is_swept_by_the_next(rootfs: Path, tmp_path: Path) -> None:

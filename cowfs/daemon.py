@@ -1,0 +1,119 @@
+"""Start a mount's FUSE daemon: in the foreground, or forked into the background.
+
+A background start returns only once the mount is live (the daemon writes `ready` on a pipe)
+or has failed (it writes the reason), as mount programs must: callers such as podman use the
+merged tree the moment the command exits. pyfuse3 and trio are imported in the daemon only, so
+`cowfs umount` and the library stay light.
+"""
+
+import logging
+import os
+import resource
+import signal
+import traceback
+from collections.abc import Callable
+
+import setproctitle
+
+from cowfs.layers import LayerStack
+
+log = logging.getLogger(__name__)
+
+
+class DaemonError(Exception):
+    """The daemon could not make the mount; the message is its reason."""
+
+
+def serve(stack: LayerStack, mountpoint: str, *, readonly: bool, fsname: str = "cowfs",
+          on_mounted: Callable[[], None] | None = None) -> None:
+    """Mount and answer requests in this process until unmounted or signalled."""
+    from cowfs import mount, union
+    _raise_fd_limit()
+    os.umask(0)   # the kernel applies the caller's umask before asking us
+    operations = mount.Operations(union.Union(stack))
+    mount.run(operations, mountpoint, mount.fuse_options(readonly=readonly, fsname=fsname),
+              on_mounted or (lambda: None))
+
+
+def start(stack: LayerStack, mountpoint: str, *, readonly: bool, fsname: str = "cowfs",
+          log_file: str | None = None) -> int:
+    """Fork a daemon serving *stack* at *mountpoint*; its pid once the mount is live.
+
+    The stack's fds go to the daemon and are closed here. Fork only from a process with one
+    thread (a forked copy of a threaded process can deadlock on locks the others held).
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_end)
+            code = _daemon(stack, mountpoint, write_end, readonly=readonly, fsname=fsname,
+                           log_file=log_file)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    stack.close()
+    with os.fdopen(read_end, "rb") as pipe:
+        report = pipe.read()
+    if report == b"ready":
+        return pid
+    os.waitpid(pid, 0)
+    raise DaemonError(report.decode(errors="replace").strip()
+                      or "the daemon died before mounting")
+
+
+def _daemon(stack: LayerStack, mountpoint: str, report_fd: int, *,
+            readonly: bool, fsname: str, log_file: str | None) -> int:
+    # The caller's handlers and fds are not the daemon's: a caller's pipe kept open here would
+    # never see EOF, and its signal handlers would run in the wrong process.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    _close_fds_except({0, 1, 2, report_fd, *stack.fds()})
+    os.setsid()
+    # A fork carries its caller's command line: `ps` and `pkill -f` would take the daemon for
+    # the `cowfs run ... CMD` that started it.
+    setproctitle.setproctitle(f"cowfs daemon {mountpoint}")
+    with os.fdopen(report_fd, "wb", buffering=0) as report:
+        def mounted() -> None:
+            # podman waits for EOF on our stderr too: no fd of the caller's may stay open.
+            _detach_stdio(log_file)
+            report.write(b"ready")
+            report.close()
+        try:
+            serve(stack, mountpoint, readonly=readonly, fsname=fsname, on_mounted=mounted)
+        except BaseException as exc:
+            if not report.closed:
+                report.write(str(exc).encode())
+                return 1
+            log.exception("daemon failed")
+            return 1
+    return 0
+
+
+def _close_fds_except(kept: set[int]) -> None:
+    low = 0
+    for fd in sorted(kept):
+        if low < fd:       # closerange(n, n) would close everything from n up
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
+def _detach_stdio(log_file: str | None) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    target = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600) if log_file \
+        else null
+    os.dup2(null, 0)
+    os.dup2(target, 1)
+    os.dup2(target, 2)
+    for fd in {null, target}:
+        os.close(fd)
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
