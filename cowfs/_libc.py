@@ -25,6 +25,11 @@ def _check(result: int, call: str, name: str | None = None) -> None:
         raise OSError(error, f"{call}: {os.strerror(error)}", name)
 
 
+def syncfs(fd: int) -> None:
+    """Write back everything of the filesystem *fd* is on (not only one file, as fsync)."""
+    _check(_libc.syncfs(fd), "syncfs")
+
+
 def renameat2(old_dir_fd: int, old_name: str, new_dir_fd: int, new_name: str,
               flags: int = 0) -> None:
     """rename(2) between directory fds, with RENAME_NOREPLACE, _EXCHANGE or _WHITEOUT."""

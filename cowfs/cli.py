@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 import cowfs
-from cowfs import daemon
+from cowfs import daemon, durability
 from cowfs.layers import (
     LayerStack,
     LayoutError,
@@ -37,7 +37,7 @@ EXIT_CODES_HELP = f"""exit status:
 
 # Options of `-o` that cowfs understands; value None means a flag.
 KNOWN_OPTIONS = {"nonempty": None, "ro": None, "fsname": "NAME", "workdir": "DIR",
-                 "userxattr": None}
+                 "userxattr": None, "fsync": "strict|batch|volatile", "volatile": None}
 # Accepted for compatibility and ignored: cowfs always mounts this way.
 ALWAYS_ON_OPTIONS = {"default_permissions", "allow_other", "rw", "dev", "suid", "exec"}
 
@@ -66,6 +66,11 @@ def parse_mount_options(values: Sequence[str]) -> dict[str, str | None]:
                 form = key if KNOWN_OPTIONS[key] is None else f"{key}={KNOWN_OPTIONS[key]}"
                 raise CliError(f"malformed mount option {item!r}: expected {form}")
             options[key] = argument if has_value else None
+    if options.get("fsync", durability.BATCH) not in durability.MODES:
+        raise CliError(f"malformed mount option 'fsync={options['fsync']}': "
+                       f"expected fsync=strict|batch|volatile")
+    if "volatile" in options:
+        options["fsync"] = durability.VOLATILE
     return options
 
 
@@ -86,7 +91,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                        help="the lower layers, then the upper layer if any, then the mount point")
     mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                        help="comma-separated: nonempty, ro, fsname=NAME, workdir=DIR, userxattr "
-                            "(write user.overlay.* xattrs, as unprivileged mounts do)")
+                            "(write user.overlay.* xattrs, as unprivileged mounts do), "
+                            "fsync=strict|batch|volatile (when changes reach the disk; "
+                            "default batch), volatile (= fsync=volatile)")
     mount.add_argument("--workdir", metavar="DIR",
                        help="where changes are prepared, on the upper's filesystem "
                             "(default: .UPPER.cowfs-work beside UPPER)")
@@ -193,6 +200,7 @@ def command_mount(arguments: argparse.Namespace) -> int:
     readonly = upper is None or "ro" in options
     return start_daemon(stack, mountpoint, readonly=readonly,
                         fsname=options.get("fsname") or "cowfs",
+                        fsync=options.get("fsync") or durability.BATCH,
                         foreground=arguments.foreground, log_file=arguments.log_file)
 
 
@@ -208,14 +216,15 @@ def configure_logging(*, debug: bool) -> None:
         logging.disable(logging.DEBUG)   # a debug call per request then costs next to nothing
 
 
-def start_daemon(stack: LayerStack, mountpoint: str, *, readonly: bool,
-                 fsname: str, foreground: bool, log_file: str | None) -> int:
+def start_daemon(stack: LayerStack, mountpoint: str, *, readonly: bool, fsname: str,
+                 fsync: str, foreground: bool, log_file: str | None) -> int:
     """Mount; in the background, return only once the mount is live (or has failed)."""
     if foreground:
-        daemon.serve(stack, mountpoint, readonly=readonly, fsname=fsname)
+        daemon.serve(stack, mountpoint, readonly=readonly, fsname=fsname, fsync=fsync)
         return EXIT_OK
     try:
-        daemon.start(stack, mountpoint, readonly=readonly, fsname=fsname, log_file=log_file)
+        daemon.start(stack, mountpoint, readonly=readonly, fsname=fsname, fsync=fsync,
+                     log_file=log_file)
     except daemon.DaemonError as exc:
         raise CliError(f"cannot mount {mountpoint}: {exc}", EXIT_MOUNT_FAILED) from None
     return EXIT_OK

@@ -13,9 +13,11 @@ import logging
 import os
 import shutil
 import stat
+import time
 from collections.abc import Callable, Generator
 
 from cowfs import _at, _libc, lookup, whiteout
+from cowfs.durability import Durability
 from cowfs.lookup import Directory, DirectoryFds, Entry
 
 log = logging.getLogger(__name__)
@@ -52,15 +54,18 @@ class Staging:
             log.warning("cannot remove %s from staging: %s", name, exc)
 
 
-def copy_data(source_fd: int, target_fd: int, size: int) -> None:
-    """Copy a file's data: reflink if the filesystem can, else only its data extents."""
+def copy_data(source_fd: int, target_fd: int, size: int) -> tuple[bool, int]:
+    """Copy a file's data: reflink if the filesystem can, else only its data extents.
+
+    Returns whether it was a reflink, and the bytes copied (fewer than *size* over holes).
+    """
     try:
         fcntl.ioctl(target_fd, _libc.FICLONE, source_fd)
-        return
+        return True, size
     except OSError as exc:
         if exc.errno not in _NO_CLONE:
             raise
-    offset = 0
+    offset = copied = 0
     while offset < size:
         try:
             data = os.lseek(source_fd, offset, os.SEEK_DATA)
@@ -70,8 +75,10 @@ def copy_data(source_fd: int, target_fd: int, size: int) -> None:
             raise
         hole = os.lseek(source_fd, data, os.SEEK_HOLE)
         _copy_range(source_fd, target_fd, data, hole - data)
+        copied += hole - data
         offset = hole
     os.ftruncate(target_fd, size)
+    return False, copied
 
 
 def _copy_range(source_fd: int, target_fd: int, offset: int, length: int) -> None:
@@ -123,9 +130,36 @@ class DataCopy:
     source_fd: int
     target_fd: int
     size: int
+    sync: bool = False          # fsync the copy before it is placed (`fsync=strict`)
+    reflinked: bool = False
+    copied_bytes: int = 0
 
     def run(self) -> None:
-        copy_data(self.source_fd, self.target_fd, self.size)
+        self.reflinked, self.copied_bytes = copy_data(self.source_fd, self.target_fd, self.size)
+        if self.sync:
+            os.fsync(self.target_fd)
+
+
+@dataclasses.dataclass
+class CopyUpStats:
+    """What copy-up did on a mount so far; a mount shows it as a virtual xattr on its root."""
+
+    copy_ups: int = 0           # entries given an upper copy (files, directories, links)
+    directories: int = 0
+    metadata_only: int = 0      # files copied without their data (the kernel's metacopy)
+    data_copies: int = 0        # files whose data was copied, at copy-up or later
+    data_bytes: int = 0         # bytes of data copied; holes and reflinks copy none
+    reflinks: int = 0
+    sparse: int = 0             # data copies that skipped holes
+    seconds: float = 0.0        # wall time spent in copy-ups, data copies included
+
+    def count_data(self, copy: DataCopy) -> None:
+        self.data_copies += 1
+        if copy.reflinked:
+            self.reflinks += 1
+        else:
+            self.data_bytes += copy.copied_bytes
+            self.sparse += copy.copied_bytes < copy.size
 
 
 # A copy-up in steps: the generator yields each data copy for its caller to run, then goes on.
@@ -136,8 +170,10 @@ class CopyUp:
     """Copies entries up through *staging*; *inode_number* gives the number to keep."""
 
     def __init__(self, fds: DirectoryFds, staging: Staging, index_fd: int, marks: whiteout.Marks,
-                 inode_number: Callable[[Entry], int]) -> None:
+                 inode_number: Callable[[Entry], int], durability: Durability) -> None:
         self.fds = fds
+        self.durability = durability
+        self.stats = CopyUpStats()
         self.marks = marks
         self.staging = staging
         self.index_fd = index_fd
@@ -212,7 +248,9 @@ class CopyUp:
             parent_fd = self.upper_directory(entry.parent)
             os.link(entry.index_name, entry.name, src_dir_fd=self.index_fd, dst_dir_fd=parent_fd,
                     follow_symlinks=False)
+            self.durability.changed(parent_fd)
             self._now_upper(entry, parent_fd)
+            self.stats.copy_ups += 1
             return
         metadata_only = (not data and stat.S_ISREG(entry.stat.st_mode)
                          and entry.stat.st_nlink == 1)
@@ -222,6 +260,7 @@ class CopyUp:
         self._now_upper(entry, self.upper_directory(entry.parent))
         if metadata_only:
             entry.metacopy, entry.data = True, (lower_layer, entry.name)
+            self.stats.metadata_only += 1
 
     def drop_metacopy(self, entry: Entry) -> None:
         """A metadata-only copy that was truncated to nothing has all its data: unmark it."""
@@ -240,10 +279,11 @@ class CopyUp:
         Until the mark goes, readers use the lower data: a crash half-way changes nothing.
         Writing data drops security.capability, so it is put back, as the kernel does.
         """
+        started = time.perf_counter()
         directory_fd, name = entry.location(self.fds)
         st = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
         capability = _at.get_xattr(directory_fd, name, _CAPABILITY)
-        yield from _data_copy(
+        yield from self._data_copy(
             lookup.open_data(self.fds, entry, _READ_FLAGS),
             lambda: os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                             dir_fd=directory_fd),
@@ -255,7 +295,9 @@ class CopyUp:
         self.marks.clear_metacopy(directory_fd, name)
         os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=directory_fd,
                  follow_symlinks=False)
+        self.durability.changed(directory_fd)
         entry.metacopy, entry.data = False, None
+        self.stats.seconds += time.perf_counter() - started
         log.debug("copied up the data of %r", name)
 
     def _stage_and_place(self, entry: Entry,
@@ -263,6 +305,7 @@ class CopyUp:
                          ) -> CopyUpSteps:
         """Make the copy in staging, then rename it into the upper parent in one step."""
         assert entry.parent is not None
+        started = time.perf_counter()
         source_dir_fd, source_name = self._source(entry)
         st = os.stat(source_name, dir_fd=source_dir_fd, follow_symlinks=False) \
             if source_name is not None else os.stat(source_dir_fd)
@@ -283,6 +326,10 @@ class CopyUp:
         except BaseException:
             self.staging.remove(staged)
             raise
+        self.durability.changed(parent_fd)
+        self.stats.copy_ups += 1
+        self.stats.directories += stat.S_ISDIR(st.st_mode)
+        self.stats.seconds += time.perf_counter() - started
         log.debug("copied up %r (inode %d)", entry.name, origin_ino)
         # As the kernel: the parent's times do not change for a copy-up.
         os.utime(_at.fd_path(parent_fd), ns=(parent_times.st_atime_ns, parent_times.st_mtime_ns))
@@ -305,6 +352,24 @@ class CopyUp:
             return self.fds.fd(entry, entry.layer), None
         return entry.location(self.fds)
 
+    def _data_copy(self, source: int, open_target: Callable[[], int], size: int
+                   ) -> CopyUpSteps:
+        """Yield the copy of *size* bytes from *source* into the file *open_target* opens.
+
+        Both fds are closed afterwards, however the caller ends the steps.
+        """
+        try:
+            target = open_target()
+            try:
+                copy = DataCopy(source, target, size, sync=self.durability.sync_copies)
+                yield copy
+                self.stats.count_data(copy)
+                self.durability.syncs += copy.sync
+            finally:
+                os.close(target)
+        finally:
+            os.close(source)
+
     def _stage_metacopy(self, entry: Entry, st: os.stat_result, staged: str) -> CopyUpSteps:
         target = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
                          dir_fd=self.staging.fd)
@@ -323,7 +388,7 @@ class CopyUp:
         source_dir_fd, source_name = entry.location(self.fds)
         mode = st.st_mode
         if stat.S_ISREG(mode):
-            yield from _data_copy(
+            yield from self._data_copy(
                 os.open(source_name, _READ_FLAGS, dir_fd=source_dir_fd),
                 lambda: os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                                 0o600, dir_fd=self.staging.fd),
@@ -333,21 +398,6 @@ class CopyUp:
                        dir_fd=self.staging.fd)
         else:
             os.mknod(staged, mode, st.st_rdev, dir_fd=self.staging.fd)
-
-
-def _data_copy(source: int, open_target: Callable[[], int], size: int) -> CopyUpSteps:
-    """Yield the copy of *size* bytes from *source* into the file *open_target* opens.
-
-    Both fds are closed afterwards, however the caller ends the steps.
-    """
-    try:
-        target = open_target()
-        try:
-            yield DataCopy(source, target, size)
-        finally:
-            os.close(target)
-    finally:
-        os.close(source)
 
 
 def _lstat_or_none(dir_fd: int, name: str) -> os.stat_result | None:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import setproctitle
 
+from cowfs.durability import BATCH
 from cowfs.layers import LayerStack
 
 log = logging.getLogger(__name__)
@@ -25,18 +26,25 @@ class DaemonError(Exception):
 
 
 def serve(stack: LayerStack, mountpoint: str, *, readonly: bool, fsname: str = "cowfs",
-          on_mounted: Callable[[], None] | None = None) -> None:
-    """Mount and answer requests in this process until unmounted or signalled."""
+          fsync: str = BATCH, on_mounted: Callable[[], None] | None = None) -> None:
+    """Mount and answer requests in this process until unmounted or signalled.
+
+    *fsync* is when changes reach the disk (`cowfs.durability`); the unmount makes them durable.
+    """
     from cowfs import mount, union
     _raise_fd_limit()
     os.umask(0)   # the kernel applies the caller's umask before asking us
-    operations = mount.Operations(union.Union(stack))
-    mount.run(operations, mountpoint, mount.fuse_options(readonly=readonly, fsname=fsname),
-              on_mounted or (lambda: None))
+    merged = union.Union(stack, fsync=fsync)
+    try:
+        operations = mount.Operations(merged)
+        mount.run(operations, mountpoint, mount.fuse_options(readonly=readonly, fsname=fsname),
+                  on_mounted or (lambda: None))
+    finally:
+        merged.close()
 
 
 def start(stack: LayerStack, mountpoint: str, *, readonly: bool, fsname: str = "cowfs",
-          log_file: str | None = None) -> int:
+          fsync: str = BATCH, log_file: str | None = None) -> int:
     """Fork a daemon serving *stack* at *mountpoint*; its pid once the mount is live.
 
     The stack's fds go to the daemon and are closed here. Fork only from a process with one
@@ -49,7 +57,7 @@ def start(stack: LayerStack, mountpoint: str, *, readonly: bool, fsname: str = "
         try:
             os.close(read_end)
             code = _daemon(stack, mountpoint, write_end, readonly=readonly, fsname=fsname,
-                           log_file=log_file)
+                           fsync=fsync, log_file=log_file)
         except BaseException:
             traceback.print_exc()
         finally:
@@ -66,7 +74,7 @@ def start(stack: LayerStack, mountpoint: str, *, readonly: bool, fsname: str = "
 
 
 def _daemon(stack: LayerStack, mountpoint: str, report_fd: int, *,
-            readonly: bool, fsname: str, log_file: str | None) -> int:
+            readonly: bool, fsname: str, fsync: str, log_file: str | None) -> int:
     # The caller's handlers and fds are not the daemon's: a caller's pipe kept open here would
     # never see EOF, and its signal handlers would run in the wrong process.
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
@@ -83,7 +91,8 @@ def _daemon(stack: LayerStack, mountpoint: str, report_fd: int, *,
             report.write(b"ready")
             report.close()
         try:
-            serve(stack, mountpoint, readonly=readonly, fsname=fsname, on_mounted=mounted)
+            serve(stack, mountpoint, readonly=readonly, fsname=fsname, fsync=fsync,
+                  on_mounted=mounted)
         except BaseException as exc:
             if not report.closed:
                 report.write(str(exc).encode())

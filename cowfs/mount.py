@@ -8,6 +8,7 @@ serves, so nothing it caches goes stale behind its back.
 import contextlib
 import errno
 import functools
+import json
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from cowfs.durability import BATCH, BATCH_DELAY_S, VOLATILE, Durability
 from cowfs.inodes import InodeTable, Node, NodeId
 from cowfs.layers import read_mountinfo
 from cowfs.lookup import Directory, Entry
@@ -34,6 +36,8 @@ READ_AHEAD_KB = 1024
 # A copy-up with more data than this runs in a worker thread: a thread hop costs ~0.2 ms, far
 # less than copying this much, and other requests are served meanwhile.
 THREADED_COPY_BYTES = 1 << 20
+# A virtual xattr of the root: the copy-up statistics as JSON (root only, as trusted.* is).
+STATS_XATTR = b"trusted.cowfs.stats"
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -333,6 +337,8 @@ class Operations(pyfuse3.Operations):
     @replies_errno
     async def getxattr(self, inode: pyfuse3.InodeT, name: bytes,
                        ctx: pyfuse3.RequestContext) -> bytes:
+        if name == STATS_XATTR and inode == pyfuse3.ROOT_INODE:
+            return json.dumps(self.union.statistics()).encode()
         try:
             return self.union.get_xattr(self.nodes.get(inode).entry, os.fsdecode(name))
         except OSError as exc:
@@ -375,22 +381,37 @@ class Operations(pyfuse3.Operations):
 
     @replies_errno
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        """The file's own sync, and (unless volatile) the copy-ups and whiteouts so far."""
         fd = self._file_handles[fh].fd
-        if datasync:
-            os.fdatasync(fd)
-        else:
-            os.fsync(fd)
+        durability = self.union.durability
+        if durability is not None and durability.mode == VOLATILE:
+            return
+
+        def sync() -> None:
+            if datasync:
+                os.fdatasync(fd)
+            else:
+                os.fsync(fd)
+            if durability is not None:
+                durability.flush()
+        await trio.to_thread.run_sync(sync)
 
     @replies_errno
     async def fsyncdir(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
         directory = self._directory_handles[fh].node.entry
-        if self.union.writable and directory.layer == 0:
-            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
-                         dir_fd=self.union.fds.fd(directory, 0))
+        durability = self.union.durability
+        if durability is None or durability.mode == VOLATILE or directory.layer != 0:
+            return
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                     dir_fd=self.union.fds.fd(directory, 0))
+
+        def sync() -> None:
             try:
                 os.fsync(fd)
+                durability.flush()
             finally:
                 os.close(fd)
+        await trio.to_thread.run_sync(sync)
 
     @replies_errno
     async def setattr(self, inode: pyfuse3.InodeT, attr: pyfuse3.EntryAttributes,
@@ -474,6 +495,8 @@ class Operations(pyfuse3.Operations):
     @replies_errno
     async def setxattr(self, inode: pyfuse3.InodeT, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
+        if name == STATS_XATTR and inode == pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.EPERM)
         entry = self.nodes.get(inode).entry
         await self._copy_up(entry, data=False)
         self.union.set_xattr(entry, os.fsdecode(name), value)
@@ -481,6 +504,8 @@ class Operations(pyfuse3.Operations):
     @replies_errno
     async def removexattr(self, inode: pyfuse3.InodeT, name: bytes,
                           ctx: pyfuse3.RequestContext) -> None:
+        if name == STATS_XATTR and inode == pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.EPERM)
         entry = self.nodes.get(inode).entry
         await self._copy_up(entry, data=False)
         try:
@@ -531,11 +556,22 @@ def mount(operations: Operations, mountpoint: str, options: set[str]) -> None:
     raise_read_ahead(mountpoint)
 
 
-async def serve(early_signals: list[int]) -> None:
+async def _flush_batches(durability: Durability) -> None:
+    """`fsync=batch`: what changed is durable within BATCH_DELAY_S."""
+    while True:
+        await trio.sleep(BATCH_DELAY_S)
+        if durability.pending:
+            await trio.to_thread.run_sync(durability.flush)
+
+
+async def serve(early_signals: list[int], operations: Operations | None = None) -> None:
     """Answer requests until unmounted or signalled, then unmount."""
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(_terminate_on_signal)
+            durability = operations.union.durability if operations is not None else None
+            if durability is not None and durability.mode == BATCH:
+                nursery.start_soon(_flush_batches, durability)
             if early_signals:
                 log.info("signal %d before serving: unmounting", early_signals[0])
             else:
@@ -558,4 +594,4 @@ def run(operations: Operations, mountpoint: str, options: set[str],
         signal.signal(signum, lambda signum, _frame: early_signals.append(signum))
     mount(operations, mountpoint, options)
     on_mounted()
-    trio.run(serve, early_signals)
+    trio.run(serve, early_signals, operations)

@@ -18,7 +18,7 @@ import stat
 import weakref
 from collections.abc import Callable
 
-from cowfs import _at, _libc, lookup, whiteout
+from cowfs import _at, _libc, durability, lookup, whiteout
 from cowfs.copyup import UPPER, CopyUp, CopyUpSteps, Staging
 from cowfs.layers import LayerStack
 from cowfs.lookup import Directory, DirectoryFds, Entry
@@ -93,7 +93,10 @@ class InodeNumbers:
 class Union:
     """A layer stack seen as one tree. Not thread-safe: one caller at a time."""
 
-    def __init__(self, stack: LayerStack, *, fd_budget: int = lookup.DEFAULT_FD_BUDGET) -> None:
+    def __init__(self, stack: LayerStack, *, fd_budget: int = lookup.DEFAULT_FD_BUDGET,
+                 fsync: str = durability.BATCH) -> None:
+        """*fsync* is when changes reach the disk: `strict`, `batch` or `volatile`
+        (`cowfs.durability`)."""
         self.stack = stack
         self.fds = DirectoryFds(stack, fd_budget)
         self.root = lookup.make_root(stack)
@@ -102,18 +105,32 @@ class Union:
         self._entries: weakref.WeakValueDictionary[tuple[Directory, str], Entry] = \
             weakref.WeakValueDictionary()
         self._copy_up: CopyUp | None = None
+        self.durability: durability.Durability | None = None
         self.index_fd = None
         if stack.upper is not None:
             assert stack.work is not None, "an upper layer comes with a workdir"
             self.staging = Staging(stack.work.staging_fd)
             self.index_fd: int | None = stack.work.index_fd
             self.marks = whiteout.Marks(stack.xattr_prefix)
+            self.durability = durability.Durability(stack, fsync)
             self._copy_up = CopyUp(self.fds, self.staging, stack.work.index_fd, self.marks,
-                                   self.inode_number)
+                                   self.inode_number, self.durability)
 
     def close(self) -> None:
-        self.fds.close_all()
-        self.stack.close()
+        """Everything durable (but for `volatile`), every fd closed."""
+        try:
+            if self.durability is not None:
+                self.durability.close()
+        finally:
+            self.fds.close_all()
+            self.stack.close()
+
+    def statistics(self) -> dict[str, object]:
+        """Copy-up counts and times, and the durability mode: what a mount's root shows."""
+        if self._copy_up is None or self.durability is None:
+            return {"fsync": None}
+        return {**dataclasses.asdict(self._copy_up.stats), "fsync": self.durability.mode,
+                "syncs": self.durability.syncs, "pending": self.durability.pending}
 
     def __enter__(self) -> "Union":
         return self
@@ -479,6 +496,10 @@ class Union:
         self._find_index(entry)      # another name of it may have been copied up meanwhile
         return self._writer().copy_up_steps(entry, data=data)
 
+    def _durability(self) -> durability.Durability:
+        assert self.durability is not None, "only a writable union changes the upper"
+        return self.durability
+
     def _writer(self) -> CopyUp:
         if self._copy_up is None:
             raise _error(errno.EROFS)
@@ -581,10 +602,12 @@ class Union:
             else:
                 _libc.renameat2(self.staging.fd, staged, directory_fd, name,
                                 0 if over_whiteout else _libc.RENAME_NOREPLACE)
+                self._durability().changed(directory_fd)
                 return
         except BaseException:
             self.staging.remove(staged)
             raise
+        self._durability().changed(directory_fd)
         self.staging.remove(staged)        # the whiteout the directory replaced
 
     def _remove(self, directory: Directory, entry: Entry) -> None:
@@ -615,6 +638,7 @@ class Union:
         except BaseException:
             self.staging.remove(staged)
             raise
+        self._durability().changed(directory_fd)
         if exchange:
             self.staging.remove(staged)     # the directory the whiteout replaced
 
