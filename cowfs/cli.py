@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 import cowfs
-from cowfs import daemon, durability
+from cowfs import daemon, options
 from cowfs.layers import (
     LayerStack,
     LayoutError,
@@ -34,12 +34,7 @@ EXIT_CODES_HELP = f"""exit status:
   {EXIT_USAGE}   bad arguments, options or layer layout
   {EXIT_MOUNT_FAILED}  the mount could not be made or unmade
 """
-
-# Options of `-o` that cowfs understands; value None means a flag.
-KNOWN_OPTIONS = {"nonempty": None, "ro": None, "fsname": "NAME", "workdir": "DIR",
-                 "userxattr": None, "fsync": "strict|batch|volatile", "volatile": None}
-# Accepted for compatibility and ignored: cowfs always mounts this way.
-ALWAYS_ON_OPTIONS = {"default_permissions", "allow_other", "rw", "dev", "suid", "exec"}
+SUBCOMMANDS = ("mount", "umount", "run", "cleanup", "demo")
 
 
 class CliError(Exception):
@@ -48,30 +43,6 @@ class CliError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def parse_mount_options(values: Sequence[str]) -> dict[str, str | None]:
-    """`-o a,b=c` (repeatable) as a dict; unknown options are refused."""
-    options: dict[str, str | None] = {}
-    for value in values:
-        for item in value.split(","):
-            if not item:
-                continue
-            key, has_value, argument = item.partition("=")
-            if key in ALWAYS_ON_OPTIONS and not has_value:
-                continue
-            if key not in KNOWN_OPTIONS:
-                raise CliError(f"unknown mount option {item!r}")
-            if (KNOWN_OPTIONS[key] is None) == bool(has_value):
-                form = key if KNOWN_OPTIONS[key] is None else f"{key}={KNOWN_OPTIONS[key]}"
-                raise CliError(f"malformed mount option {item!r}: expected {form}")
-            options[key] = argument if has_value else None
-    if options.get("fsync", durability.BATCH) not in durability.MODES:
-        raise CliError(f"malformed mount option 'fsync={options['fsync']}': "
-                       f"expected fsync=strict|batch|volatile")
-    if "volatile" in options:
-        options["fsync"] = durability.VOLATILE
-    return options
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -153,6 +124,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         arguments.command, arguments.payload = "run", argv[split + 1:]
         if not arguments.payload:
             commands["run"].error("no command after --")
+    elif argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version"):
+        try:
+            return command_mount_program(argv)
+        except CliError as exc:
+            print(f"cowfs: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except LayoutError as exc:
+            print(f"cowfs: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     elif argv and argv[0] in commands:
         # Options may stand anywhere, also after the layers (`mount L M -o ro`).
         arguments = commands[argv[0]].parse_intermixed_args(argv[1:])
@@ -179,29 +159,75 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def command_mount(arguments: argparse.Namespace) -> int:
-    options = parse_mount_options(arguments.options)
+    """`cowfs mount LOWERS [UPPER] MERGED`: the layers as arguments, options as `-o`."""
+    parsed = _parse_options(arguments.options)
     paths = arguments.layers
     if len(paths) not in (2, 3):
         raise CliError("expected LOWER1[:LOWER2...] [UPPER] MERGED")
-    lowers = parse_lowerdirs(paths[0])
-    upper = paths[1] if len(paths) == 3 else None
-    mountpoint = paths[-1]
-    workdir = arguments.workdir or options.get("workdir")
-    if workdir is not None and upper is None:
-        raise CliError("a workdir needs an upper layer")
-    stack = open_stack(lowers, upper, workdir, userxattr="userxattr" in options)
+    if parsed.lowerdir or parsed.upperdir:
+        raise CliError("lowerdir= and upperdir= go with the `cowfs -o ... MERGED` form; "
+                       "here the layers are arguments")
+    parsed.lowerdir = paths[0]
+    parsed.upperdir = paths[1] if len(paths) == 3 else None
+    parsed.workdir = arguments.workdir or parsed.workdir
+    return mount_parsed(parsed, paths[-1], foreground=arguments.foreground,
+                        debug=arguments.debug, log_file=arguments.log_file)
+
+
+def command_mount_program(argv: Sequence[str]) -> int:
+    """`cowfs [-f] [-d] -o lowerdir=L1:L2,upperdir=U,workdir=W[,...] [SOURCE] MERGED`.
+
+    The form fuse-overlayfs takes, which containers-storage (`mount_program`) and mount.fuse3
+    (`mount -t fuse.cowfs SOURCE MERGED -o ...`) use. SOURCE is only a name for `mount`.
+    """
+    parser = argparse.ArgumentParser(
+        prog="cowfs", usage="cowfs [-f] [-d] -o lowerdir=DIRS[,upperdir=DIR,workdir=DIR,...] "
+                            "[SOURCE] MERGED")
+    parser.add_argument("-o", dest="options", action="append", default=[])
+    parser.add_argument("-f", "--foreground", action="store_true")
+    parser.add_argument("-d", "--debug", action="store_true")
+    parser.add_argument("-s", action="store_true", help="single-threaded (always)")
+    parser.add_argument("paths", nargs="+", metavar="[SOURCE] MERGED")
+    arguments = parser.parse_intermixed_args(argv)
+    if len(arguments.paths) > 2:
+        raise CliError("expected [SOURCE] MERGED after the options")
+    parsed = _parse_options(arguments.options)
+    if not parsed.lowerdir:
+        raise CliError("missing mount option lowerdir=DIRS")
+    if parsed.workdir and not parsed.upperdir:
+        raise CliError("workdir= needs upperdir=")
+    if len(arguments.paths) == 2 and parsed.mount.fsname == "cowfs":
+        parsed.mount.fsname = arguments.paths[0]
+    return mount_parsed(parsed, arguments.paths[-1], foreground=arguments.foreground,
+                        debug=arguments.debug or parsed.debug, log_file=None)
+
+
+def _parse_options(values: Sequence[str]) -> options.ParsedOptions:
     try:
-        mountpoint = check_mountpoint(stack, mountpoint,
-                                             nonempty="nonempty" in options)
+        return options.parse(values, is_root=os.geteuid() == 0)
+    except options.OptionError as exc:
+        raise CliError(str(exc)) from None
+
+
+def mount_parsed(parsed: options.ParsedOptions, mountpoint: str, *, foreground: bool,
+                 debug: bool, log_file: str | None) -> int:
+    assert parsed.lowerdir is not None
+    lowers = parse_lowerdirs(parsed.lowerdir)
+    if parsed.workdir is not None and parsed.upperdir is None:
+        raise CliError("a workdir needs an upper layer")
+    configure_logging(debug=debug or parsed.debug)
+    for item in parsed.ignored:
+        log.debug("option %s ignored", item)
+    stack = open_stack(lowers, parsed.upperdir, parsed.workdir, userxattr=parsed.userxattr)
+    try:
+        mountpoint = check_mountpoint(stack, mountpoint, nonempty=parsed.nonempty)
     except BaseException:
         stack.close()
         raise
-    configure_logging(debug=arguments.debug)
-    readonly = upper is None or "ro" in options
-    return start_daemon(stack, mountpoint, readonly=readonly,
-                        fsname=options.get("fsname") or "cowfs",
-                        fsync=options.get("fsync") or durability.BATCH,
-                        foreground=arguments.foreground, log_file=arguments.log_file)
+    if parsed.upperdir is None:
+        parsed.mount.readonly = True
+    return start_daemon(stack, mountpoint, parsed.mount, foreground=foreground,
+                        log_file=log_file)
 
 
 def configure_logging(*, debug: bool) -> None:
@@ -216,15 +242,14 @@ def configure_logging(*, debug: bool) -> None:
         logging.disable(logging.DEBUG)   # a debug call per request then costs next to nothing
 
 
-def start_daemon(stack: LayerStack, mountpoint: str, *, readonly: bool, fsname: str,
-                 fsync: str, foreground: bool, log_file: str | None) -> int:
+def start_daemon(stack: LayerStack, mountpoint: str, mount_options: daemon.MountOptions, *,
+                 foreground: bool, log_file: str | None) -> int:
     """Mount; in the background, return only once the mount is live (or has failed)."""
     if foreground:
-        daemon.serve(stack, mountpoint, readonly=readonly, fsname=fsname, fsync=fsync)
+        daemon.serve(stack, mountpoint, mount_options)
         return EXIT_OK
     try:
-        daemon.start(stack, mountpoint, readonly=readonly, fsname=fsname, fsync=fsync,
-                     log_file=log_file)
+        daemon.start(stack, mountpoint, mount_options, log_file=log_file)
     except daemon.DaemonError as exc:
         raise CliError(f"cannot mount {mountpoint}: {exc}", EXIT_MOUNT_FAILED) from None
     return EXIT_OK

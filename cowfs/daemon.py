@@ -6,6 +6,7 @@ merged tree the moment the command exits. pyfuse3 and trio are imported in the d
 `cowfs umount` and the library stay light.
 """
 
+import dataclasses
 import logging
 import os
 import resource
@@ -16,6 +17,7 @@ from collections.abc import Callable
 import setproctitle
 
 from cowfs.durability import BATCH
+from cowfs.idmap import IDENTITY, IdMap
 from cowfs.layers import LayerStack
 
 log = logging.getLogger(__name__)
@@ -25,26 +27,36 @@ class DaemonError(Exception):
     """The daemon could not make the mount; the message is its reason."""
 
 
-def serve(stack: LayerStack, mountpoint: str, *, readonly: bool, fsname: str = "cowfs",
-          fsync: str = BATCH, on_mounted: Callable[[], None] | None = None) -> None:
-    """Mount and answer requests in this process until unmounted or signalled.
+@dataclasses.dataclass
+class MountOptions:
+    readonly: bool = False
+    fsname: str = "cowfs"
+    fsync: str = BATCH                   # when changes reach the disk (`cowfs.durability`)
+    uids: IdMap = IDENTITY               # owners between disk and view (`cowfs.idmap`)
+    gids: IdMap = IDENTITY
+    # Mount flags passed on to the kernel: nosuid, nodev, noexec, noatime, sync, dirsync.
+    kernel_flags: frozenset[str] = frozenset()
 
-    *fsync* is when changes reach the disk (`cowfs.durability`); the unmount makes them durable.
-    """
+
+def serve(stack: LayerStack, mountpoint: str, options: MountOptions,
+          on_mounted: Callable[[], None] | None = None) -> None:
+    """Mount and answer requests in this process until unmounted or signalled; the unmount
+    makes the changes durable."""
     from cowfs import mount, union
     _raise_fd_limit()
     os.umask(0)   # the kernel applies the caller's umask before asking us
-    merged = union.Union(stack, fsync=fsync)
+    merged = union.Union(stack, fsync=options.fsync)
     try:
-        operations = mount.Operations(merged)
-        mount.run(operations, mountpoint, mount.fuse_options(readonly=readonly, fsname=fsname),
+        operations = mount.Operations(merged, options.uids, options.gids)
+        fuse_options = mount.fuse_options(readonly=options.readonly, fsname=options.fsname)
+        mount.run(operations, mountpoint, fuse_options | options.kernel_flags,
                   on_mounted or (lambda: None))
     finally:
         merged.close()
 
 
-def start(stack: LayerStack, mountpoint: str, *, readonly: bool, fsname: str = "cowfs",
-          fsync: str = BATCH, log_file: str | None = None) -> int:
+def start(stack: LayerStack, mountpoint: str, options: MountOptions,
+          log_file: str | None = None) -> int:
     """Fork a daemon serving *stack* at *mountpoint*; its pid once the mount is live.
 
     The stack's fds go to the daemon and are closed here. Fork only from a process with one
@@ -56,8 +68,7 @@ def start(stack: LayerStack, mountpoint: str, *, readonly: bool, fsname: str = "
         code = 1
         try:
             os.close(read_end)
-            code = _daemon(stack, mountpoint, write_end, readonly=readonly, fsname=fsname,
-                           fsync=fsync, log_file=log_file)
+            code = _daemon(stack, mountpoint, write_end, options, log_file)
         except BaseException:
             traceback.print_exc()
         finally:
@@ -73,8 +84,8 @@ def start(stack: LayerStack, mountpoint: str, *, readonly: bool, fsname: str = "
                       or "the daemon died before mounting")
 
 
-def _daemon(stack: LayerStack, mountpoint: str, report_fd: int, *,
-            readonly: bool, fsname: str, fsync: str, log_file: str | None) -> int:
+def _daemon(stack: LayerStack, mountpoint: str, report_fd: int, options: MountOptions,
+            log_file: str | None) -> int:
     # The caller's handlers and fds are not the daemon's: a caller's pipe kept open here would
     # never see EOF, and its signal handlers would run in the wrong process.
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
@@ -91,8 +102,7 @@ def _daemon(stack: LayerStack, mountpoint: str, report_fd: int, *,
             report.write(b"ready")
             report.close()
         try:
-            serve(stack, mountpoint, readonly=readonly, fsname=fsname, fsync=fsync,
-                  on_mounted=mounted)
+            serve(stack, mountpoint, options, on_mounted=mounted)
         except BaseException as exc:
             if not report.closed:
                 report.write(str(exc).encode())

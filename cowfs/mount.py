@@ -19,6 +19,7 @@ import pyfuse3
 import trio
 
 from cowfs.durability import BATCH, BATCH_DELAY_S, VOLATILE, Durability
+from cowfs.idmap import IDENTITY, IdMap
 from cowfs.inodes import InodeTable, Node, NodeId
 from cowfs.layers import read_mountinfo
 from cowfs.lookup import Directory, Entry
@@ -119,8 +120,6 @@ class FileHandle:
         return entry.layer, entry.metacopy
 
 
-def _caller(ctx: pyfuse3.RequestContext) -> Caller:
-    return Caller(ctx.uid, ctx.gid)
 
 
 class Operations(pyfuse3.Operations):
@@ -128,15 +127,22 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, union: Union) -> None:
+    def __init__(self, union: Union, uids: IdMap = IDENTITY, gids: IdMap = IDENTITY) -> None:
+        """*uids* and *gids* map owners between the layers and the view (`cowfs.idmap`)."""
         super().__init__()
         self.union = union
+        self.uids = uids
+        self.gids = gids
         self.nodes = InodeTable(union, union.fds)
         self._directory_handles: dict[int, DirectoryHandle] = {}
         self._file_handles: dict[int, FileHandle] = {}
         self._next_handle = 1
         # Entries whose copy-up is under way, and the event set when it is done.
         self._copying: dict[Entry, trio.Event] = {}
+
+    def _caller(self, ctx: pyfuse3.RequestContext) -> Caller:
+        """Who asks, in the layers' ids: what it creates is owned so on disk."""
+        return Caller(self.uids.to_disk(ctx.uid), self.gids.to_disk(ctx.gid))
 
     # -- attributes -------------------------------------------------------------------------
 
@@ -150,8 +156,8 @@ class Operations(pyfuse3.Operations):
         attributes.attr_timeout = ATTR_TIMEOUT_S
         attributes.st_mode = pyfuse3.ModeT(st.st_mode)
         attributes.st_nlink = st.st_nlink if entry.removed else self.union.link_count(entry, st)
-        attributes.st_uid = st.st_uid
-        attributes.st_gid = st.st_gid
+        attributes.st_uid = self.uids.to_view(st.st_uid)
+        attributes.st_gid = self.gids.to_view(st.st_gid)
         attributes.st_rdev = st.st_rdev
         attributes.st_size = st.st_size
         attributes.st_blksize = BLOCK_SIZE
@@ -365,7 +371,7 @@ class Operations(pyfuse3.Operations):
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._directory_node(parent_inode)
         entry, fd = self.union.create(parent.entry, os.fsdecode(name), mode, flags,
-                                      _caller(ctx))
+                                      self._caller(ctx))
         handle_id = self._new_handle()
         self._file_handles[handle_id] = FileHandle(entry, fd, flags)
         return (pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle_id), keep_cache=True),
@@ -423,8 +429,8 @@ class Operations(pyfuse3.Operations):
         st = self.union.setattr(
             node.entry,
             mode=attr.st_mode if fields.update_mode else None,
-            uid=attr.st_uid if fields.update_uid else None,
-            gid=attr.st_gid if fields.update_gid else None,
+            uid=self.uids.to_disk(attr.st_uid) if fields.update_uid else None,
+            gid=self.gids.to_disk(attr.st_gid) if fields.update_gid else None,
             size=attr.st_size if fields.update_size else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
@@ -437,21 +443,21 @@ class Operations(pyfuse3.Operations):
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._directory_node(parent_inode)
         return self._reply_entry(self.union.mknod(parent.entry, os.fsdecode(name), mode, rdev,
-                                                  _caller(ctx)))
+                                                  self._caller(ctx)))
 
     @replies_errno
     async def mkdir(self, parent_inode: pyfuse3.InodeT, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._directory_node(parent_inode)
         return self._reply_entry(self.union.mkdir(parent.entry, os.fsdecode(name), mode,
-                                                  _caller(ctx)))
+                                                  self._caller(ctx)))
 
     @replies_errno
     async def symlink(self, parent_inode: pyfuse3.InodeT, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._directory_node(parent_inode)
         return self._reply_entry(self.union.symlink(parent.entry, os.fsdecode(name),
-                                                    os.fsdecode(target), _caller(ctx)))
+                                                    os.fsdecode(target), self._caller(ctx)))
 
     @replies_errno
     async def link(self, inode: pyfuse3.InodeT, new_parent_inode: pyfuse3.InodeT,

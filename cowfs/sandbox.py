@@ -100,7 +100,7 @@ class Sandbox:
         except LayoutError as exc:
             raise SandboxError(str(exc)) from None
         try:
-            return daemon.start(stack, self.merged, readonly=False)
+            return daemon.start(stack, self.merged, daemon.MountOptions())
         except daemon.DaemonError as exc:
             raise SandboxError(f"cannot mount {self.merged}: {exc}", 32) from None
 
