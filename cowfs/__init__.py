@@ -1,8 +1,10 @@
 """cowfs: a copy-on-write union filesystem in userspace, in the kernel overlayfs format.
 
-The public API: open a layer stack and read the merged tree without FUSE (`Union`), or mount it.
+The public API: open a layer stack and read the merged tree without FUSE (`Union`), or mount it
+(`mounted`, `open_mounted` under trio). docs/library.md shows them at work.
 """
 
+from cowfs.handle import Mounted, MountError, mount_stack, mounted, open_mounted
 from cowfs.layers import LayerStack, LayoutError, open_stack, parse_lowerdirs
 from cowfs.lookup import Directory, Entry
 from cowfs.union import Union
@@ -14,8 +16,13 @@ __all__ = [
     "Entry",
     "LayerStack",
     "LayoutError",
+    "MountError",
+    "Mounted",
     "Union",
     "__version__",
+    "mount_stack",
+    "mounted",
+    "open_mounted",
     "open_stack",
     "parse_lowerdirs",
 ]

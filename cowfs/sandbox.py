@@ -18,19 +18,17 @@ cgroups and wait for them to empty, remove them, unmount, remove the scratch dir
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from cowfs import _libc, _sandbox_helper, cgroups, daemon
+from cowfs import _libc, _sandbox_helper, cgroups, handle
 from cowfs._sandbox_helper import SandboxConfig
 from cowfs.commit import CommitError, commit_upper
-from cowfs.layers import LayoutError, open_stack, parse_lowerdirs, read_mountinfo, unmount
+from cowfs.layers import LayoutError, parse_lowerdirs, read_mountinfo, unmount
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +61,7 @@ class Sandbox:
         self.merged = ""
         self.upper = ""
         self.cgroups: cgroups.RunCgroups | None = None
-        self.daemon_pid: int | None = None
+        self.mount: handle.Mounted | None = None
 
     def __enter__(self) -> "Sandbox":
         sweep_leftovers()
@@ -86,35 +84,15 @@ class Sandbox:
         self.upper = self.kept_upper or os.path.join(self.scratch, "upper")
         os.makedirs(self.upper, exist_ok=True)
         workdir = None if self.kept_upper else os.path.join(self.scratch, "work")
-        if threading.active_count() == 1:
-            self.daemon_pid = self._mount_forked(workdir)
-        else:
-            self._mount_by_command(workdir)
-        self.cgroups = _make_cgroups(os.path.basename(self.scratch)[len(RUN_PREFIX):],
-                                     self.limits)
-
-    def _mount_forked(self, workdir: str | None) -> int:
-        """The daemon as a fork of this process: no interpreter to start, no module to load."""
         try:
-            stack = open_stack(parse_lowerdirs(self.lowerdir), self.upper, workdir)
+            self.mount = handle.mount_stack(parse_lowerdirs(self.lowerdir), self.merged,
+                                            upper=self.upper, workdir=workdir)
         except LayoutError as exc:
             raise SandboxError(str(exc)) from None
-        try:
-            return daemon.start(stack, self.merged, daemon.MountOptions())
-        except daemon.DaemonError as exc:
-            raise SandboxError(f"cannot mount {self.merged}: {exc}", 32) from None
-
-    def _mount_by_command(self, workdir: str | None) -> None:
-        """The daemon started by `cowfs mount`: a fork of a threaded caller is not safe."""
-        command = [sys.executable, "-m", "cowfs", "mount", self.lowerdir, self.upper,
-                   self.merged]
-        if workdir:
-            command += ["--workdir", workdir]
-        mounted = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
-                                 text=True, check=False)
-        if mounted.returncode != 0:
-            raise SandboxError(mounted.stderr.strip().removeprefix("cowfs: "),
-                               mounted.returncode)
+        except handle.MountError as exc:
+            raise SandboxError(str(exc), exc.exit_code) from None
+        self.cgroups = _make_cgroups(os.path.basename(self.scratch)[len(RUN_PREFIX):],
+                                     self.limits)
 
     def run(self, command: Sequence[str], *, hostname: str = "cowfs",
             env: dict[str, str] | None = None, workdir: str = "/",
@@ -163,16 +141,15 @@ class Sandbox:
                 self.cgroups.remove()
                 self.cgroups = None
         finally:
-            for mount in read_mountinfo():
-                if self.scratch and mount.mountpoint.startswith(self.scratch + os.sep) \
-                        and not _unmounts(mount.mountpoint):
-                    unmount(mount.mountpoint, lazy=True)     # busy: detach, finish later
+            if self.mount is not None:
+                try:
+                    self.mount.unmount()
+                except OSError:
+                    self.mount.unmount(lazy=True)     # busy: detach, finish later
+                self.mount = None
             if self.scratch and not any(mount.mountpoint.startswith(self.scratch + os.sep)
                                         for mount in read_mountinfo()):
                 shutil.rmtree(self.scratch, ignore_errors=True)
-            if self.daemon_pid is not None:
-                _reap(self.daemon_pid)
-                self.daemon_pid = None
 
 
 def _start_helper(config: SandboxConfig) -> int:
@@ -194,28 +171,6 @@ def _start_helper(config: SandboxConfig) -> int:
         finally:
             os._exit(code)
     return pid
-
-
-def _reap(pid: int, timeout: float = 10.0) -> None:
-    """Wait for a forked daemon to end after its unmount, so no zombie stays behind."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if done:
-            return
-        time.sleep(0.001)
-    log.warning("mount daemon %d still running after its unmount", pid)
-
-
-def _unmounts(path: str) -> bool:
-    try:
-        unmount(path)
-    except OSError:
-        return False
-    return True
 
 
 def run(layers: str | Sequence[str], command: Sequence[str], *, upper: str | None = None,

@@ -22,6 +22,8 @@ from cowfs.layers import read_mountinfo
 pytestmark = pytest.mark.mounts
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+# A sleep no other test session runs, so pgrep finds this session's processes only.
+UNIQUE_SECONDS = 300_000 + os.getpid()
 APPLETS = ("sh", "ps", "hostname", "cat", "ls", "echo", "mkdir", "chroot", "grep", "sleep",
            "stty", "tty")
 
@@ -41,10 +43,21 @@ def rootfs(tmp_path: Path) -> Path:
     return root
 
 
+def leftover_run_mounts() -> list[str]:
+    """Mounts of `cowfs run`s that have ended (other test sessions' live runs do not count)."""
+    leftovers = []
+    for mount in read_mountinfo():
+        directory = os.path.basename(os.path.dirname(mount.mountpoint))
+        if directory.startswith(sandbox.RUN_PREFIX) \
+                and sandbox._owner_is_gone(directory[len(sandbox.RUN_PREFIX):]):
+            leftovers.append(mount.mountpoint)
+    return leftovers
+
+
 def run(*arguments: str) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(cowfs_command("run", *arguments), capture_output=True, text=True,
                             stdin=subprocess.DEVNULL, timeout=120, check=False)
-    assert not any("cowfs-run-" in mount.mountpoint for mount in read_mountinfo()), \
+    assert not leftover_run_mounts(), \
         "cowfs run left its mount behind"
     return result
 
@@ -109,9 +122,11 @@ def test_the_payload_runs_as_the_user_asked(rootfs: Path) -> None:
 
 
 def no_leftover_cgroups() -> bool:
+    """No cgroup of an ended run is left (other test sessions' live runs do not count)."""
     hierarchies = cgroups.read_hierarchies(Path("/proc/self/mountinfo").read_text(),
                                            Path("/proc/self/cgroup").read_text())
-    return not list(cgroups.leftovers(hierarchies))
+    return not [path for path in cgroups.leftovers(hierarchies)
+                if sandbox._owner_is_gone(os.path.basename(path)[len(cgroups.CGROUP_PREFIX):])]
 
 
 def test_memory_limit_kills_the_payload_and_not_us(rootfs: Path) -> None:
@@ -124,12 +139,13 @@ def test_memory_limit_kills_the_payload_and_not_us(rootfs: Path) -> None:
 
 def test_pids_limit_stops_a_fork_bomb(rootfs: Path) -> None:
     # Counting /proc entries with a glob needs no fork, so it still runs at the limit.
-    result = shell(rootfs, "(while :; do sleep 30 & done) 2>/dev/null; set -- /proc/[0-9]*;"
+    sleep = f"sleep {UNIQUE_SECONDS}"
+    result = shell(rootfs, f"(while :; do {sleep} & done) 2>/dev/null; set -- /proc/[0-9]*;"
                            "echo $#", "--pids", "20")
     assert result.returncode == 0, result.stderr
     assert 2 < int(result.stdout) <= 20
     assert no_leftover_cgroups()
-    assert subprocess.run(["pgrep", "-f", "sleep 30"], check=False).returncode == 1
+    assert subprocess.run(["pgrep", "-f", sleep], check=False).returncode == 1
 
 
 def test_cpu_quota_throttles_a_busy_loop(rootfs: Path) -> None:
@@ -142,7 +158,8 @@ def test_cpu_quota_throttles_a_busy_loop(rootfs: Path) -> None:
         cpu = cgroups.choose(hierarchies)["cpu"]
 
         def run_cgroup() -> Path | None:
-            found = [Path(path) for path in cgroups.leftovers([cpu])]
+            found = [Path(path) for path in cgroups.leftovers([cpu])
+                     if os.path.basename(path).startswith(f"cowfs-{process.pid}-")]
             return found[0] if found else None
 
         wait_until(lambda: run_cgroup() is not None, what="the run's cgroup")
@@ -221,34 +238,35 @@ def test_a_caller_with_threads_gets_fresh_interpreters(rootfs: Path) -> None:
     thread.start()
     try:
         with sandbox.Sandbox(str(rootfs)) as box:
-            assert box.daemon_pid is None
+            assert box.mount is not None and box.mount.daemon_pid is None
             assert box.run(["/bin/sh", "-c", "echo inside > /file; exit 5"]) == 5
             assert (Path(box.upper) / "file").read_text() == "inside\n"
     finally:
         stop.set()
         thread.join()
-    assert not any("cowfs-run-" in mount.mountpoint for mount in read_mountinfo())
+    assert not leftover_run_mounts()
 
 
 def test_a_killed_run_is_swept_by_the_next(rootfs: Path, tmp_path: Path) -> None:
     upper = tmp_path / "upper"
+    sleep = f"sleep {UNIQUE_SECONDS}"
     command = cowfs_command("run", "--pids", "50", "--upper", str(upper), str(rootfs), "--",
-                            "/bin/sh", "-c", "echo > /started; sleep 300")
+                            "/bin/sh", "-c", f"echo > /started; {sleep}")
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
     try:
         wait_until(lambda: (upper / "started").exists(), what="the payload to start")
     finally:
         process.kill()
         process.wait(timeout=30)
-    wait_until(lambda: subprocess.run(["pgrep", "-f", "sleep 300"], check=False).returncode
+    wait_until(lambda: subprocess.run(["pgrep", "-f", sleep], check=False).returncode
                == 1, what="the sandbox to die with its runtime")
-    assert any("cowfs-run-" in mount.mountpoint for mount in read_mountinfo())
+    assert leftover_run_mounts()
     assert not no_leftover_cgroups()
     cleanup = subprocess.run(cowfs_command("cleanup"), capture_output=True, text=True,
                              timeout=60, check=False)
     assert cleanup.returncode == 0, cleanup.stderr
     assert "removed" in cleanup.stdout
-    assert not any("cowfs-run-" in mount.mountpoint for mount in read_mountinfo())
+    assert not leftover_run_mounts()
     assert no_leftover_cgroups()
 
 
@@ -286,7 +304,7 @@ def test_the_library_api(rootfs: Path, tmp_path: Path) -> None:
         box.commit(str(layer))
     assert (upper / "one").read_text() == "one\n"
     assert (layer / "one").read_text() == "one\n"
-    assert not any("cowfs-run-" in mount.mountpoint for mount in read_mountinfo())
+    assert not leftover_run_mounts()
     assert no_leftover_cgroups()
     with pytest.raises(sandbox.SandboxError, match="does not exist"), \
             sandbox.Sandbox(str(tmp_path / "missing")):

@@ -1,0 +1,161 @@
+"""Mount a stack from Python and get a handle that unmounts on exit: sync and trio flavours.
+
+    with cowfs.mounted(["/layers/app", "/layers/base"], "/srv/merged", upper="/srv/upper"):
+        ...                                     # the merged tree is live here
+
+    async with cowfs.open_mounted(["/layers/app"], "/srv/merged") as mount:   # under trio
+        ...
+
+The daemon serves in the background, in the host's namespaces, as `cowfs mount` would start it:
+forked from this process when that is safe (one thread), else started as `cowfs mount` (a
+threaded process, or any trio program: a fork would carry trio's run state into the daemon).
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+
+from cowfs import daemon, durability
+from cowfs.idmap import IdMap
+from cowfs.layers import LayoutError, check_mountpoint, open_stack, read_mountinfo, unmount
+
+UNMOUNT_TIMEOUT_S = 30.0
+
+
+class MountError(Exception):
+    """The stack could not be mounted; the message says why in one line."""
+
+    def __init__(self, message: str, exit_code: int = 32) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code     # as `cowfs mount` exits: 2 for bad input, 32 otherwise
+
+
+@dataclasses.dataclass
+class Mounted:
+    """A live mount: where it is, and the daemon serving it (if this process forked it)."""
+
+    path: str
+    daemon_pid: int | None = None
+
+    def statistics(self) -> dict[str, object]:
+        """Copy-up counts and times (root only: a trusted.* xattr)."""
+        return json.loads(os.getxattr(self.path, "trusted.cowfs.stats"))
+
+    def is_live(self) -> bool:
+        return any(mount.mountpoint == self.path and mount.fstype == "fuse.cowfs"
+                   for mount in read_mountinfo())
+
+    def unmount(self, *, lazy: bool = False) -> None:
+        """Unmount and wait for the daemon to end; lazily: detach now, and let the daemon end
+        when the last user lets go. Raises OSError if busy and not lazy."""
+        if self.is_live():
+            unmount(self.path, lazy=lazy)
+        if self.daemon_pid is not None and not lazy:
+            _wait_for(self.daemon_pid)
+            self.daemon_pid = None
+
+
+@contextlib.contextmanager
+def mounted(lowers: Sequence[str], mountpoint: str, *, upper: str | None = None,
+            workdir: str | None = None, fsync: str = durability.BATCH,
+            uidmapping: Sequence[tuple[int, int, int]] = (),
+            gidmapping: Sequence[tuple[int, int, int]] = ()) -> Iterator[Mounted]:
+    """Mount *lowers* (topmost first) with an optional writable *upper* at *mountpoint*.
+
+    *uidmapping*/*gidmapping* are (disk id, view id, count) triples (`cowfs.idmap`). Raises
+    MountError or LayoutError before anything is mounted; unmounts on exit.
+    """
+    handle = mount_stack(lowers, mountpoint, upper=upper, workdir=workdir, fsync=fsync,
+                         uidmapping=tuple(uidmapping), gidmapping=tuple(gidmapping))
+    try:
+        yield handle
+    finally:
+        handle.unmount()
+
+
+@contextlib.asynccontextmanager
+async def open_mounted(lowers: Sequence[str], mountpoint: str, *, upper: str | None = None,
+                       workdir: str | None = None, fsync: str = durability.BATCH,
+                       uidmapping: Sequence[tuple[int, int, int]] = (),
+                       gidmapping: Sequence[tuple[int, int, int]] = ()
+                       ) -> AsyncIterator[Mounted]:
+    """`mounted` for trio programs: the mount and unmount wait without blocking the loop."""
+    import trio
+    command = _mount_command(lowers, mountpoint, upper=upper, workdir=workdir, fsync=fsync,
+                             uidmapping=tuple(uidmapping), gidmapping=tuple(gidmapping))
+    result = await trio.run_process(command, capture_stderr=True, check=False,
+                                    stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        raise MountError(result.stderr.decode(errors="replace").strip().removeprefix("cowfs: "),
+                         result.returncode)
+    handle = Mounted(os.path.realpath(mountpoint))
+    try:
+        yield handle
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(handle.unmount)
+
+
+def mount_stack(lowers: Sequence[str], mountpoint: str, *, upper: str | None = None,
+                workdir: str | None = None, fsync: str = durability.BATCH,
+                uidmapping: tuple[tuple[int, int, int], ...] = (),
+                gidmapping: tuple[tuple[int, int, int], ...] = ()) -> Mounted:
+    """`mounted` without the `with`: the caller unmounts the handle it gets."""
+    if fsync not in durability.MODES:
+        raise MountError(f"fsync must be one of {', '.join(durability.MODES)}, not {fsync!r}", 2)
+    if threading.active_count() > 1:
+        command = _mount_command(lowers, mountpoint, upper=upper, workdir=workdir, fsync=fsync,
+                                 uidmapping=uidmapping, gidmapping=gidmapping)
+        result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
+                                text=True, check=False)
+        if result.returncode != 0:
+            raise MountError(result.stderr.strip().removeprefix("cowfs: "), result.returncode)
+        return Mounted(os.path.realpath(mountpoint))
+    stack = open_stack(list(lowers), upper, workdir)
+    try:
+        path = check_mountpoint(stack, mountpoint)
+    except LayoutError:
+        stack.close()
+        raise
+    options = daemon.MountOptions(readonly=upper is None, fsync=fsync,
+                                  uids=IdMap(uidmapping), gids=IdMap(gidmapping))
+    try:
+        return Mounted(path, daemon.start(stack, path, options))
+    except daemon.DaemonError as exc:
+        raise MountError(f"cannot mount {mountpoint}: {exc}") from None
+
+
+def _mount_command(lowers: Sequence[str], mountpoint: str, *, upper: str | None,
+                   workdir: str | None, fsync: str,
+                   uidmapping: tuple[tuple[int, int, int], ...],
+                   gidmapping: tuple[tuple[int, int, int], ...]) -> list[str]:
+    lowerdir = ":".join(path.replace("\\", "\\\\").replace(":", "\\:") for path in lowers)
+    options = [f"fsync={fsync}"]
+    for name, triples in (("uidmapping", uidmapping), ("gidmapping", gidmapping)):
+        if triples:
+            options.append(f"{name}=" + ":".join(f"{disk}:{view}:{count}"
+                                                 for disk, view, count in triples))
+    command = [sys.executable, "-m", "cowfs", "mount", "-o", ",".join(options)]
+    if workdir:
+        command += ["--workdir", workdir]
+    return [*command, lowerdir, *([upper] if upper else []), mountpoint]
+
+
+def _wait_for(pid: int) -> None:
+    """Reap a forked daemon once its unmount has ended it."""
+    deadline = time.monotonic() + UNMOUNT_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done:
+            return
+        time.sleep(0.002)
+    raise TimeoutError(f"the daemon {pid} did not end after its unmount")
