@@ -495,8 +495,10 @@ class _Exporter:
                  userxattr: bool) -> None:
         self.upper, self.upper_fd, self.lowers = upper, upper_fd, lowers
         self.prefix = whiteout.OVERLAY_XATTR_PREFIXES[1 if userxattr else 0]
+        # Not the "w|" stream mode: its buffer would be flushed at garbage collection, into a
+        # closed file, after a failure.
         self.archive = tarfile.open(  # noqa: SIM115 (closed by __exit__, only on success)
-            fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT)
+            fileobj=stream, mode="w", format=tarfile.PAX_FORMAT)
         self.links: dict[tuple[int, int], str] = {}   # (st_dev, st_ino) -> first tar name
         self.summary = ExportSummary()
         self._merged: _MergedTree | None = None
@@ -521,14 +523,23 @@ class _Exporter:
             self._merged = _MergedTree(self.upper, self.lowers)
         return self._merged
 
+    def is_whiteout(self, directory_fd: int, name: str, st: os.stat_result) -> bool:
+        return whiteout.is_device_whiteout(st) or (
+            stat.S_ISREG(st.st_mode) and st.st_size == 0
+            and self.marker(directory_fd, name, whiteout.WHITEOUT) is not None)
+
     def export_directory(self, directory_fd: int, path: Path) -> None:
+        """The directory's entries, sorted by the names they get in the tar."""
+        entries = []
         for name in _sorted_names(directory_fd):
             st = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
+            shown = whiteout.oci_whiteout_name(name) if self.is_whiteout(directory_fd, name, st) \
+                else name
+            entries.append((os.fsencode(shown), shown, name, st))
+        for _, shown, name, st in sorted(entries):
             child = (*path, name)
-            if whiteout.is_device_whiteout(st) or (
-                    stat.S_ISREG(st.st_mode) and st.st_size == 0
-                    and self.marker(directory_fd, name, whiteout.WHITEOUT) is not None):
-                self.add_marker((*path, whiteout.oci_whiteout_name(name)), st)
+            if shown != name:
+                self.add_marker((*path, shown), st)
             elif stat.S_ISDIR(st.st_mode):
                 self.export_subdirectory(directory_fd, name, st, child)
             elif (stat.S_ISREG(st.st_mode)

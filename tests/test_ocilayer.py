@@ -189,3 +189,107 @@ def test_truncated_layer_is_refused(tmp_path: Path) -> None:
     with pytest.raises(LayerError):
         ocilayer.import_layer(str(source), str(tmp_path / "layer"))
     assert not (tmp_path / "layer").exists()
+
+
+# -- export ---------------------------------------------------------------------------------
+
+
+def make_upper(root: Path) -> Path:
+    """An upper as cowfs or the kernel writes it, made by hand."""
+    upper = root / "upper"
+    (upper / "etc").mkdir(parents=True)
+    (upper / "etc/config").write_text("changed\n")
+    os.chown(upper / "etc/config", 7, 8)
+    os.setxattr(upper / "etc/config", "user.kept", b"k")
+    os.setxattr(upper / "etc/config", "trusted.overlay.cowfs.ino", b"1234")   # private
+    os.setxattr(upper / "etc/config", "trusted.overlay.overlay.mine", b"m")   # escaped
+    os.link(upper / "etc/config", upper / "etc/config-link")
+    os.mknod(upper / "etc/deleted", stat.S_IFCHR | 0o000, 0)
+    (upper / "opaque").mkdir()
+    os.setxattr(upper / "opaque", "trusted.overlay.opaque", b"y")
+    os.setxattr(upper / "opaque", "trusted.overlay.origin", b"\x00\xfb")
+    (upper / "opaque/-first").write_text("sorts before the marker\n")
+    os.symlink("/nowhere", upper / "opaque/link")
+    os.mkfifo(upper / "fifo")
+    os.utime(upper / "etc/config", ns=(1, 1_600_000_000_123_456_789))
+    return upper
+
+
+def members_of(path: Path) -> list[tarfile.TarInfo]:
+    with tarfile.open(path) as archive:
+        return archive.getmembers()
+
+
+def test_export_writes_oci_changes(tmp_path: Path) -> None:
+    upper = make_upper(tmp_path)
+    output = tmp_path / "layer.tar"
+    ocilayer.export_layer(str(upper), str(output))
+    members = {info.name: info for info in members_of(output)}
+    assert list(members) == ["etc", "etc/.wh.deleted", "etc/config", "etc/config-link", "fifo",
+                             "opaque", "opaque/.wh..wh..opq", "opaque/-first", "opaque/link"]
+    config = members["etc/config"]
+    assert (config.uid, config.gid, config.size) == (7, 8, 8)
+    assert config.pax_headers["mtime"] == "1600000000.123456789"
+    assert {key: value for key, value in config.pax_headers.items() if "xattr" in key} == {
+        "SCHILY.xattr.trusted.overlay.mine": "m", "SCHILY.xattr.user.kept": "k"}
+    assert not [key for key in members["opaque"].pax_headers if "overlay" in key]
+    assert members["etc/config-link"].islnk()
+    assert members["etc/config-link"].linkname == "etc/config"
+    assert members["opaque/link"].linkname == "/nowhere" and members["fifo"].isfifo()
+    # The same upper gives the same bytes.
+    again = tmp_path / "again.tar"
+    ocilayer.export_layer(str(upper), str(again))
+    assert again.read_bytes() == output.read_bytes()
+
+
+@pytest.mark.parametrize("name", ["layer.tar.gz", "layer.tar.zst"])
+def test_export_compressed_imports_back(tmp_path: Path, name: str) -> None:
+    upper = make_upper(tmp_path)
+    output = tmp_path / name
+    ocilayer.export_layer(str(upper), str(output),
+                          compression=ocilayer.compression_for(name))
+    layer = tmp_path / "layer"
+    ocilayer.import_layer(str(output), str(layer))
+    assert (layer / "etc/config").read_text() == "changed\n"
+    assert (layer / "etc/config").stat().st_mtime_ns == 1_600_000_000_123_456_789
+    assert (layer / "etc/config").stat().st_ino == (layer / "etc/config-link").stat().st_ino
+    assert xattr(layer / "etc/config", "trusted.overlay.overlay.mine") == b"m"
+    assert xattr(layer / "etc/config", "trusted.overlay.cowfs.ino") is None
+    assert stat.S_ISCHR((layer / "etc/deleted").lstat().st_mode)
+    assert xattr(layer / "opaque", "trusted.overlay.opaque") == b"y"
+
+
+def test_export_userxattr_reads_user_markers(tmp_path: Path) -> None:
+    upper = tmp_path / "upper"
+    (upper / "dir").mkdir(parents=True)
+    os.setxattr(upper / "dir", "user.overlay.opaque", b"y")
+    output = tmp_path / "layer.tar"
+    ocilayer.export_layer(str(upper), str(output), userxattr=True)
+    assert [info.name for info in members_of(output)] == ["dir", "dir/.wh..wh..opq"]
+
+
+@pytest.mark.parametrize("marker", ["redirect", "metacopy"])
+def test_export_needs_lowers_for_redirects_and_metacopies(tmp_path: Path, marker: str) -> None:
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    if marker == "redirect":
+        (upper / "renamed").mkdir()
+        os.setxattr(upper / "renamed", "trusted.overlay.redirect", b"original")
+    else:
+        (upper / "file").write_bytes(b"")
+        os.truncate(upper / "file", 10)
+        os.setxattr(upper / "file", "trusted.overlay.metacopy", b"")
+    output = tmp_path / "layer.tar"
+    with pytest.raises(LayerError, match="--lowers"):
+        ocilayer.export_layer(str(upper), str(output))
+    assert os.listdir(tmp_path) == ["upper"]
+    lower = tmp_path / "lower"
+    (lower / "original").mkdir(parents=True)
+    (lower / "original/inside").write_text("in\n")
+    (lower / "file").write_text("0123456789")
+    ocilayer.export_layer(str(upper), str(output), lowers=[str(lower)])
+    with tarfile.open(output) as archive:
+        if marker == "redirect":
+            assert archive.getnames() == ["renamed", "renamed/.wh..wh..opq", "renamed/inside"]
+        else:
+            assert archive.extractfile("file").read() == b"0123456789"
