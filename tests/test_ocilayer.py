@@ -3,6 +3,7 @@
 import os
 import stat
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -293,3 +294,9 @@ def test_export_needs_lowers_for_redirects_and_metacopies(tmp_path: Path, marker
             assert archive.getnames() == ["renamed", "renamed/.wh..wh..opq", "renamed/inside"]
         else:
             assert archive.extractfile("file").read() == b"0123456789"
+
+
+def test_oci_modules_import_neither_pyfuse3_nor_trio() -> None:
+    code = ("import sys, cowfs.ocilayer, cowfs.ociimage;"
+            "assert not {'pyfuse3', 'trio'} & set(sys.modules), sys.modules.keys()")
+    subprocess.run([sys.executable, "-c", code], check=True)
