@@ -65,13 +65,7 @@ def unpack_image(source: str, destination: str, *, ref: str | None = None,
     """Unpack the image at *source* (a layout directory or a tarball) under *destination*."""
     report = progress or (lambda _line: None)
     with _open_storage(source) as storage:
-        if storage.exists("manifest.json"):
-            name, layers = _docker_image(storage, ref)
-        elif storage.exists("index.json"):
-            name, layers = _oci_image(storage, ref)
-        else:
-            raise ImageError(f"{source} is neither an OCI image layout (index.json) nor a "
-                             f"docker save archive (manifest.json)")
+        name, layers = _read_image(storage, source, ref)
         layer_root = os.path.join(os.path.abspath(destination), "layers")
         os.makedirs(layer_root, exist_ok=True)
         directories: list[str] = []
@@ -89,6 +83,21 @@ def unpack_image(source: str, destination: str, *, ref: str | None = None,
     lowerdir_file = os.path.join(destination, f"{_file_name(name)}.lowerdir")
     _write_atomically(lowerdir_file, lowerdir + "\n")
     return UnpackResult(directories, lowerdir, lowerdir_file, unpacked)
+
+
+def _read_image(storage: "_Storage", source: str, ref: str | None) -> tuple[str, list[_Layer]]:
+    """The image's name and layers, bottom first; a malformed document is an ImageError."""
+    try:
+        if storage.exists("manifest.json"):
+            return _docker_image(storage, ref)
+        if storage.exists("index.json"):
+            return _oci_image(storage, ref)
+    except ocilayer.LayerError as exc:           # a path in a document that leaves the image
+        raise ImageError(str(exc)) from None
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ImageError(f"malformed image document in {source}: {exc!r}") from None
+    raise ImageError(f"{source} is neither an OCI image layout (index.json) nor a "
+                     f"docker save archive (manifest.json)")
 
 
 def _hex(digest: str) -> str:

@@ -321,6 +321,7 @@ class _Extractor:
             st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
         except FileNotFoundError:
             return False
+        self.extracted -= {key for key in self.extracted if key[:len(path)] == path}
         if stat.S_ISDIR(st.st_mode):
             if keep_directory:
                 return True

@@ -196,3 +196,20 @@ def test_umoci_and_skopeo_images_share_their_layers(tmp_path: Path) -> None:
                    check=True, capture_output=True)
     again = ociimage.unpack_image(str(archive), str(destination))
     assert again.layers == result.layers and again.unpacked == 0
+
+
+def test_hostile_and_malformed_documents(tmp_path: Path) -> None:
+    archive = tmp_path / "image.tar"
+    docker_save_archive(archive, [BASE], "app:1")
+    with tarfile.open(archive, "a") as output:
+        data = json.dumps([{"Config": "../../etc/passwd", "Layers": []}]).encode()
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(data)
+        output.addfile(info, io.BytesIO(data))    # the later member wins
+    with pytest.raises(ImageError, match="refused image path"):
+        ociimage.unpack_image(str(archive), str(tmp_path / "dest"))
+    layout = tmp_path / "layout"
+    layout.mkdir()
+    (layout / "index.json").write_text('{"manifests": [{"mediaType": "x"}]}')
+    with pytest.raises(ImageError, match="malformed"):
+        ociimage.unpack_image(str(layout), str(tmp_path / "dest"))
