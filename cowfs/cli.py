@@ -104,7 +104,64 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     demo = commands.add_parser("demo", help="mount the example image and show its layers")
     demo.add_argument("image", nargs="?", metavar="IMAGE_DIR",
                       help="a directory of layer directories (default: the repo's example)")
+    add_oci_commands(commands)
     return parser, {"mount": mount, "umount": umount, "demo": demo, "run": run}
+
+
+def add_oci_commands(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """`cowfs layer import/export` and `cowfs image unpack` (issue 6)."""
+    layer = commands.add_parser("layer", help="OCI layer tars in and out of layer directories")
+    layer_commands = layer.add_subparsers(dest="layer_command", required=True, metavar="ACTION")
+    import_ = layer_commands.add_parser(
+        "import", help="a layer tar (.tar, .tar.gz, .tar.zst) as a new layer directory")
+    import_.add_argument("tar", metavar="LAYER.tar")
+    import_.add_argument("directory", metavar="DIR", help="must not exist, or be empty")
+    import_.add_argument("--whiteouts", choices=("kernel", "oci"), default="kernel",
+                         help="kernel: char 0/0 and overlay.opaque (default); oci: keep .wh.*")
+    import_.add_argument("--userxattr", action="store_true",
+                         help="mark opaque directories with user.overlay.* (not trusted.)")
+    export = layer_commands.add_parser(
+        "export", help="the changes in an upper directory as a layer tar")
+    export.add_argument("upper", metavar="UPPER")
+    export.add_argument("-o", "--output", required=True, metavar="LAYER.tar",
+                        help=".gz or .zst endings compress")
+    export.add_argument("--lowers", metavar="L1:L2",
+                        help="the lower layers, top first: needed for renamed directories "
+                             "and metadata-only copies")
+    export.add_argument("--userxattr", action="store_true",
+                        help="the upper's markers are user.overlay.* (not trusted.)")
+    image = commands.add_parser("image", help="container images as layer directories")
+    image_commands = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+    unpack = image_commands.add_parser(
+        "unpack", help="an OCI layout or docker save tarball as layer directories; "
+                       "prints the lowerdir string")
+    unpack.add_argument("image", metavar="PATH")
+    unpack.add_argument("destination", metavar="DEST")
+    unpack.add_argument("--ref", metavar="TAG|DIGEST", help="which image, when several")
+    unpack.add_argument("--whiteouts", choices=("kernel", "oci"), default="kernel")
+
+
+def command_oci(arguments: argparse.Namespace) -> int:
+    from cowfs import ociimage, ocilayer
+    try:
+        if arguments.command == "image":
+            result = ociimage.unpack_image(
+                arguments.image, arguments.destination, ref=arguments.ref,
+                whiteouts=arguments.whiteouts,
+                progress=lambda line: print(line, file=sys.stderr, flush=True))
+            print(result.lowerdir)
+        elif arguments.layer_command == "import":
+            prefix = "user.overlay." if arguments.userxattr else None
+            ocilayer.import_layer(arguments.tar, arguments.directory,
+                                  whiteouts=arguments.whiteouts, xattr_prefix=prefix)
+        else:
+            lowers = parse_lowerdirs(arguments.lowers) if arguments.lowers else None
+            ocilayer.export_layer(arguments.upper, arguments.output, lowers=lowers,
+                                  userxattr=arguments.userxattr,
+                                  compression=ocilayer.compression_for(arguments.output))
+    except (ocilayer.LayerError, ociimage.ImageError) as exc:
+        raise CliError(str(exc)) from None
+    return EXIT_OK
 
 
 def command_cleanup() -> int:
@@ -148,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return command_run(arguments)
         if arguments.command == "cleanup":
             return command_cleanup()
+        if arguments.command in ("layer", "image"):
+            return command_oci(arguments)
         from cowfs import demo
         return demo.run(arguments.image)
     except CliError as exc:
