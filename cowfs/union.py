@@ -419,9 +419,7 @@ class Union:
         entry = self._existing(directory, name)
         if entry.is_directory:
             raise _error(errno.EISDIR, name)
-        if entry.layer != UPPER and entry.stat.st_nlink > 1 and self.index_fd is not None:
-            # Its other names must see one name fewer: the index keeps the count.
-            self._copy_up_entry(entry)
+        self._copy_up_linked_lower(entry)
         self._remove(directory, entry)
         self._count_link(entry, -1)
         return entry
@@ -456,6 +454,8 @@ class Union:
                                 and self.inode_number(target) == self.inode_number(source)):
             return None                   # two names of one file: nothing to do (POSIX)
         self._check_rename(source, target)
+        if target is not None and not target.is_directory:
+            self._copy_up_linked_lower(target)
         writer = self._writer()
         self._copy_up_entry(source)
         source_parent_fd = writer.upper_directory(directory)
@@ -478,6 +478,12 @@ class Union:
         return target
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _copy_up_linked_lower(self, entry: Entry) -> None:
+        """Before a lower file with several names loses one: its other names must see one name
+        fewer, and the index, which only an upper copy has, keeps that count."""
+        if entry.layer != UPPER and entry.stat.st_nlink > 1 and self.index_fd is not None:
+            self._copy_up_entry(entry)
 
     def _copy_up_entry(self, entry: Entry, *, data: bool = True) -> None:
         with contextlib.closing(self.copy_up_steps(entry, data=data)) as steps:

@@ -348,6 +348,19 @@ def test_lower_hard_links_stay_linked_after_copy_up(stack: Stack) -> None:
                                                                          "index")[0]).st_ino
 
 
+def test_renaming_over_a_lower_hard_link_counts_one_name_fewer(stack: Stack) -> None:
+    """As unlink does (and the kernel with index=on): the other name sees nlink 1."""
+    (stack.bottom / "a").write_text("shared")
+    os.link(stack.bottom / "a", stack.bottom / "dir" / "a")
+    (stack.bottom / "a b").symlink_to("elsewhere")
+    with stack.mount():
+        assert os.lstat(stack.merged / "dir" / "a").st_nlink == 2
+        os.rename(stack.merged / "a b", stack.merged / "a")
+        assert os.readlink(stack.merged / "a") == "elsewhere"
+        assert os.lstat(stack.merged / "dir" / "a").st_nlink == 1
+        assert (stack.merged / "dir" / "a").read_text() == "shared"
+
+
 def test_mknod_symlink_and_xattrs(stack: Stack) -> None:
     with stack.mount():
         os.mkfifo(stack.merged / "pipe", 0o600)
