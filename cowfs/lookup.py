@@ -11,6 +11,7 @@ which it keeps alive, down from the layer roots that are always open.
 """
 
 import collections
+import dataclasses
 import errno
 import logging
 import os
@@ -169,6 +170,18 @@ class DirectoryFds:
         return opened
 
 
+@dataclasses.dataclass
+class Listing:
+    """A merged directory's candidate names as scanned, and the names each lower layer holds.
+
+    Lower layers never change while mounted, so a lookup of a listed name may skip every lower
+    layer that does not hold it (nor its `.wh.` marker): one stat instead of one per layer.
+    """
+
+    names: list[str]
+    lower_names: dict[int, frozenset[str]]   # layer -> its names and `.wh.` marker targets
+
+
 def make_root(stack: LayerStack) -> Directory:
     """The merged root: every layer's root. As in the kernel, a layer root is never opaque."""
     xwhiteouts = frozenset(index for index, layer in enumerate(stack.layers)
@@ -253,13 +266,14 @@ class _Search:
 
 
 def lookup(fds: DirectoryFds, parent: Directory, name: str, *,
-           upper: int | None = None) -> Entry | None:
+           upper: int | None = None, listing: Listing | None = None) -> Entry | None:
     """Resolve *name* in *parent*, top layer first; None when no layer shows it.
 
     A directory's `overlay.redirect` sends the search in the layers below to the path it names
     (a renamed directory finds its lower copies where they are). *upper* is the index of the
     writable layer, if any: for a copy found there, the layers below are probed too, to know
     whether deleting it needs a whiteout.
+    *listing*, a scan of *parent*, lets the search skip lower layers that lack the name.
     Raises OSError for a name that cannot exist (ENAMETOOLONG, EINVAL) or a layer that fails.
     """
     _at.check_name(name)
@@ -272,6 +286,9 @@ def lookup(fds: DirectoryFds, parent: Directory, name: str, *,
     xwhiteouts: set[int] = set()
     try:
         for layer in range(parent.layers[0], len(fds.stack.layers)):
+            if listing is not None and search.place == name \
+                    and name not in listing.lower_names.get(layer, (name,)):
+                continue                   # a lower layer scanned without it
             where = search.directory_fd(layer)
             if where is None:
                 continue
@@ -286,7 +303,7 @@ def lookup(fds: DirectoryFds, parent: Directory, name: str, *,
                 if top_stat is None:
                     entry = Entry(parent, name, layer, st)
                     if layer == upper:
-                        entry.has_lower = _shown_below(fds, parent, name, layer)
+                        entry.has_lower = _shown_below(fds, parent, name, layer, listing)
                         entry.origin_ino = whiteout.read_origin_ino(directory_fd, name)
                         if stat.S_ISREG(st.st_mode) and whiteout.is_metacopy(directory_fd, name):
                             entry.metacopy = True
@@ -319,7 +336,7 @@ def lookup(fds: DirectoryFds, parent: Directory, name: str, *,
     directory = Directory(parent, name, tuple(merged), top_stat, frozenset(xwhiteouts), places)
     fds.adopt(directory, merged)
     if directory.layer == upper:
-        directory.has_lower = _shown_below(fds, parent, name, upper)
+        directory.has_lower = _shown_below(fds, parent, name, upper, listing)
         directory.origin_ino = whiteout.read_origin_ino(merged[upper], None)
     return directory
 
@@ -358,10 +375,13 @@ def open_data(fds: DirectoryFds, entry: Entry, flags: int) -> int:
         os.close(directory_fd)
 
 
-def _shown_below(fds: DirectoryFds, parent: Directory, name: str, layer: int) -> bool:
+def _shown_below(fds: DirectoryFds, parent: Directory, name: str, layer: int,
+                 listing: Listing | None = None) -> bool:
     """Whether a layer of *parent* below *layer* shows *name* (first hit decides)."""
     for lower in parent.layers:
         if lower <= layer:
+            continue
+        if listing is not None and name not in listing.lower_names.get(lower, (name,)):
             continue
         try:
             if _find(fds.fd(parent, lower), name, lower in parent.xwhiteout_layers) is not None:
@@ -371,7 +391,7 @@ def _shown_below(fds: DirectoryFds, parent: Directory, name: str, layer: int) ->
     return False
 
 
-def read_merged_names(fds: DirectoryFds, directory: Directory) -> list[str]:
+def read_listing(fds: DirectoryFds, directory: Directory, *, upper: int | None) -> Listing:
     """Candidate names of a merged directory: each layer's names once, top layer's order first.
 
     Markers (`.wh.*`) are left out; names hidden by a whiteout are not, since `lookup` decides
@@ -379,17 +399,29 @@ def read_merged_names(fds: DirectoryFds, directory: Directory) -> list[str]:
     disagree.
     """
     names: dict[str, None] = {}
+    lower_names: dict[int, frozenset[str]] = {}
     for layer in directory.layers:
         listing_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
                              dir_fd=fds.fd(directory, layer))
+        here: set[str] = set()
         try:
             with os.scandir(listing_fd) as entries:
                 for entry in entries:
-                    if not whiteout.is_oci_name(entry.name):
+                    if whiteout.is_oci_name(entry.name):
+                        here.add(entry.name[len(whiteout.OCI_WHITEOUT_PREFIX):])
+                    else:
                         names[entry.name] = None
+                        here.add(entry.name)
         finally:
             os.close(listing_fd)
-    return list(names)
+        if layer != upper:
+            lower_names[layer] = frozenset(here)
+    return Listing(list(names), lower_names)
+
+
+def read_merged_names(fds: DirectoryFds, directory: Directory) -> list[str]:
+    """`read_listing`'s names alone."""
+    return read_listing(fds, directory, upper=None).names
 
 
 def stat_entry(fds: DirectoryFds, entry: Entry) -> os.stat_result:

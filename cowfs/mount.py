@@ -22,7 +22,7 @@ from cowfs.durability import BATCH, BATCH_DELAY_S, VOLATILE, Durability
 from cowfs.idmap import IDENTITY, IdMap
 from cowfs.inodes import InodeTable, Node, NodeId
 from cowfs.layers import read_mountinfo
-from cowfs.lookup import Directory, Entry
+from cowfs.lookup import Directory, Entry, Listing
 from cowfs.union import Caller, Union
 
 log = logging.getLogger(__name__)
@@ -92,11 +92,12 @@ def _describe(argument: object) -> str:
 class DirectoryHandle:
     """An open directory: its listing, fixed at opendir and served by position."""
 
-    __slots__ = ("names", "node")
+    __slots__ = ("listing", "names", "node")
 
-    def __init__(self, node: Node, names: list[str]) -> None:
+    def __init__(self, node: Node, listing: Listing) -> None:
         self.node = node
-        self.names = [".", "..", *names]
+        self.listing = listing
+        self.names = [".", "..", *listing.names]
 
 
 class FileHandle:
@@ -284,7 +285,7 @@ class Operations(pyfuse3.Operations):
     async def opendir(self, inode: pyfuse3.InodeT,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
         node = self._directory_node(inode)
-        handle = DirectoryHandle(node, self.union.read_merged_names(node.entry))
+        handle = DirectoryHandle(node, self.union.read_listing(node.entry))
         handle_id = self._new_handle()
         self._directory_handles[handle_id] = handle
         return pyfuse3.FileHandleT(handle_id)
@@ -302,7 +303,7 @@ class Operations(pyfuse3.Operations):
                 attributes = self.attributes(node.id, node.entry)
                 entry = None
             else:
-                entry = self.union.lookup(directory, name)
+                entry = self.union.lookup(directory, name, handle.listing)
                 if entry is None:
                     continue          # hidden by a whiteout, or removed since opendir
                 node_id = self.nodes.id_for(entry)

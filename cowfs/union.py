@@ -21,7 +21,7 @@ from collections.abc import Callable
 from cowfs import _at, _libc, durability, lookup, whiteout
 from cowfs.copyup import UPPER, CopyUp, CopyUpSteps, Staging
 from cowfs.layers import LayerStack
-from cowfs.lookup import Directory, DirectoryFds, Entry
+from cowfs.lookup import Directory, DirectoryFds, Entry, Listing
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,12 @@ class Union:
 
     # -- names ------------------------------------------------------------------------------
 
-    def lookup(self, parent: Entry, name: str) -> Entry | None:
-        """The entry *name* in *parent*, or None when the merged view has no such name."""
+    def lookup(self, parent: Entry, name: str,
+               listing: Listing | None = None) -> Entry | None:
+        """The entry *name* in *parent*, or None when the merged view has no such name.
+
+        *listing*, from `read_listing(parent)`, spares probes of lower layers without *name*.
+        """
         directory = self._directory(parent)
         entry = self._entries.get((directory, name))
         if entry is not None:
@@ -155,7 +159,7 @@ class Union:
                 del self._entries[(directory, name)]
             else:
                 return entry
-        entry = lookup.lookup(self.fds, directory, name, upper=self.upper)
+        entry = lookup.lookup(self.fds, directory, name, upper=self.upper, listing=listing)
         if entry is not None:
             self._check_indexed_copy(entry)
             self._find_index(entry)
@@ -231,12 +235,17 @@ class Union:
     def list_names(self, directory: Entry) -> list[str]:
         """The visible names in *directory* (without . and ..), each resolved once."""
         directory = self._directory(directory)
-        return [name for name in lookup.read_merged_names(self.fds, directory)
-                if self.lookup(directory, name) is not None]
+        listing = self.read_listing(directory)
+        return [name for name in listing.names
+                if self.lookup(directory, name, listing) is not None]
+
+    def read_listing(self, directory: Entry) -> Listing:
+        """Candidate names of *directory*, some perhaps hidden: resolve each before showing it
+        (passing the listing to `lookup` makes that cheaper)."""
+        return lookup.read_listing(self.fds, self._directory(directory), upper=self.upper)
 
     def read_merged_names(self, directory: Entry) -> list[str]:
-        """Candidate names of *directory*, some perhaps hidden: resolve each before showing it."""
-        return lookup.read_merged_names(self.fds, self._directory(directory))
+        return self.read_listing(directory).names
 
     def layer_path(self, entry: Entry) -> str:
         """The root path of the layer that supplies *entry*."""
