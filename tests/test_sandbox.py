@@ -140,10 +140,13 @@ def test_cpu_quota_throttles_a_busy_loop(rootfs: Path) -> None:
         wait_until(lambda: run_cgroup() is not None, what="the run's cgroup")
         group = run_cgroup()
         assert group is not None
+        # The cgroup exists a moment before its limits are written (a slow guest sees it).
         if cpu.version == 1:
-            assert (group / "cpu.cfs_quota_us").read_text().strip() == "20000"
+            wait_until(lambda: (group / "cpu.cfs_quota_us").read_text().strip() == "20000",
+                       what="cpu.cfs_quota_us")
         else:
-            assert (group / "cpu.max").read_text().split() == ["20000", "100000"]
+            wait_until(lambda: (group / "cpu.max").read_text().split() == ["20000", "100000"],
+                       what="cpu.max")
 
         def is_throttled() -> bool:
             return any(line.split()[1] != "0"
