@@ -71,6 +71,10 @@ def exit_code(status: int) -> int:
 def main(config: SandboxConfig) -> int:
     """In the helper: join the run's cgroups, enter new namespaces, start PID 1, wait for it."""
     _die_with_parent()
+    # Held until each forwarder is in place, not lost: PID 1 of a pid namespace drops a signal
+    # from outside it has no handler for, so one sent during set-up would leave the payload
+    # running and `cowfs run` waiting on it. The payload unblocks them before exec.
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     for procs in config.cgroup_procs:
         with open(procs, "w") as file:
             file.write(str(os.getpid()))
@@ -87,6 +91,7 @@ def main(config: SandboxConfig) -> int:
             os._exit(code)
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, lambda signum, _frame: _forward(init, signum))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
     _, status = os.waitpid(init, 0)
     return exit_code(status)
 
@@ -120,6 +125,7 @@ def _init(config: SandboxConfig) -> int:
         _exec_payload(config)
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, lambda signum, _frame: _forward(payload, signum))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)   # what came meanwhile
     while True:
         pid, status = os.wait()
         if pid == payload:
@@ -183,6 +189,7 @@ def _exec_payload(config: SandboxConfig) -> None:
     try:
         for signum in FORWARDED_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
         kept = frozenset(config.capabilities)
         with open("/proc/sys/kernel/cap_last_cap") as cap_last_cap:
             last_capability = int(cap_last_cap.read())

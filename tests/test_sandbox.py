@@ -4,6 +4,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,35 @@ def test_signals_reach_the_payload(rootfs: Path, tmp_path: Path) -> None:
     finally:
         process.kill()
         process.wait(timeout=30)
+
+
+def catches(pid: int, signum: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+                 .split()[1], 16)
+    return bool(caught & (1 << (signum - 1)))
+
+
+def test_a_signal_during_set_up_reaches_the_payload(rootfs: Path) -> None:
+    """A SIGTERM the helper forwards before PID 1 has its own forwarder is held, not dropped."""
+    helpers: list[subprocess.Popen[bytes]] = []
+    codes: list[int] = []
+    # At 1% of a CPU, PID 1 takes seconds to build the root: the signal comes meanwhile.
+    with sandbox.Sandbox(str(rootfs), cpus=0.01) as box:
+        thread = threading.Thread(target=lambda: codes.append(
+            box.run(["/bin/sh", "-c", "sleep 300"], on_start=helpers.append)))
+        thread.start()
+        try:
+            wait_until(lambda: bool(helpers) and catches(helpers[0].pid, signal.SIGTERM),
+                       what="the helper's forwarder")
+            helpers[0].send_signal(signal.SIGTERM)
+            thread.join(timeout=60)
+        finally:
+            if thread.is_alive():
+                assert box.cgroups is not None
+                box.cgroups.kill()
+                thread.join()
+    assert codes == [128 + signal.SIGTERM]
 
 
 def test_a_killed_run_is_swept_by_the_next(rootfs: Path, tmp_path: Path) -> None:
