@@ -74,6 +74,10 @@ def main(config: SandboxConfig) -> int:
     The helper may be a fork of its caller: it drops the caller's signal handlers and fds first,
     so PID 1 holds nothing of the host's but the payload's stdio.
     """
+    # Held until each forwarder is in place, not lost: PID 1 of a pid namespace drops a signal
+    # from outside it has no handler for, so one sent during set-up would leave the payload
+    # running and `cowfs run` waiting on it. The payload unblocks them before exec.
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
@@ -94,6 +98,7 @@ def main(config: SandboxConfig) -> int:
             os._exit(code)
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, lambda signum, _frame: _forward(init, signum))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
     _, status = os.waitpid(init, 0)
     return exit_code(status)
 
@@ -127,6 +132,7 @@ def _init(config: SandboxConfig) -> int:
         _exec_payload(config)
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, lambda signum, _frame: _forward(payload, signum))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)   # what came meanwhile
     while True:
         pid, status = os.wait()
         if pid == payload:
@@ -205,6 +211,7 @@ def _exec_payload(config: SandboxConfig) -> None:
     try:
         for signum in FORWARDED_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
         kept = frozenset(config.capabilities)
         with open("/proc/sys/kernel/cap_last_cap") as cap_last_cap:
             last_capability = int(cap_last_cap.read())

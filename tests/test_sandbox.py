@@ -165,10 +165,13 @@ def test_cpu_quota_throttles_a_busy_loop(rootfs: Path) -> None:
         wait_until(lambda: run_cgroup() is not None, what="the run's cgroup")
         group = run_cgroup()
         assert group is not None
+        # The cgroup exists a moment before its limits are written (a slow guest sees it).
         if cpu.version == 1:
-            assert (group / "cpu.cfs_quota_us").read_text().strip() == "20000"
+            wait_until(lambda: (group / "cpu.cfs_quota_us").read_text().strip() == "20000",
+                       what="cpu.cfs_quota_us")
         else:
-            assert (group / "cpu.max").read_text().split() == ["20000", "100000"]
+            wait_until(lambda: (group / "cpu.max").read_text().split() == ["20000", "100000"],
+                       what="cpu.max")
 
         def is_throttled() -> bool:
             return any(line.split()[1] != "0"
@@ -245,6 +248,35 @@ def test_a_caller_with_threads_gets_fresh_interpreters(rootfs: Path) -> None:
         stop.set()
         thread.join()
     assert not leftover_run_mounts()
+
+
+def catches(pid: int, signum: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+                 .split()[1], 16)
+    return bool(caught & (1 << (signum - 1)))
+
+
+def test_a_signal_during_set_up_reaches_the_payload(rootfs: Path) -> None:
+    """A SIGTERM the helper forwards before PID 1 has its own forwarder is held, not dropped."""
+    helpers: list[int] = []
+    codes: list[int] = []
+    # At 1% of a CPU, PID 1 takes seconds to build the root: the signal comes meanwhile.
+    with sandbox.Sandbox(str(rootfs), cpus=0.01) as box:
+        thread = threading.Thread(target=lambda: codes.append(
+            box.run(["/bin/sh", "-c", "sleep 300"], on_start=helpers.append)))
+        thread.start()
+        try:
+            wait_until(lambda: bool(helpers) and catches(helpers[0], signal.SIGTERM),
+                       what="the helper's forwarder")
+            os.kill(helpers[0], signal.SIGTERM)
+            thread.join(timeout=60)
+        finally:
+            if thread.is_alive():
+                assert box.cgroups is not None
+                box.cgroups.kill()
+                thread.join()
+    assert codes == [128 + signal.SIGTERM]
 
 
 def test_a_killed_run_is_swept_by_the_next(rootfs: Path, tmp_path: Path) -> None:
