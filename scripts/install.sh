@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 say() { printf 'install: %s\n' "$*"; }
 
-packages=(fuse3 libfuse3-dev pkg-config gcc busybox-static)
+packages=(fuse3 libfuse3-dev pkg-config gcc busybox-static fuse-overlayfs fio)
 python=${PYTHON:-python3}
 command -v "$python" >/dev/null || packages+=(python3)
 if ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then packages+=(python3-venv); fi
