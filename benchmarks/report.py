@@ -125,6 +125,7 @@ def plot(rows: list[Row], targets: list[str], out: Path) -> tuple[list[str], str
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as pyplot
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         return [], ("matplotlib is not installed, so no plots "
                     "(.venv/bin/pip install -e '.[bench]')")
@@ -140,7 +141,7 @@ def plot(rows: list[Row], targets: list[str], out: Path) -> tuple[list[str], str
         for index, target in enumerate(targets):
             color = f"C{index}"
             for style, serie in zip(("-", "--"), series, strict=False):
-                points = sorted((row.plot[1], summary["median"]) for row in rows
+                points = sorted((row.plot[1], summary["median"] * 1e3) for row in rows
                                 if row.plot and row.plot[0] == serie
                                 and (summary := row.summary(target)) is not None)
                 if not points:
@@ -155,7 +156,8 @@ def plot(rows: list[Row], targets: list[str], out: Path) -> tuple[list[str], str
         axes.set_xscale("log")
         axes.set_yscale("log")
         axes.set_xlabel(xlabel)
-        axes.set_ylabel("seconds (median)")
+        axes.set_ylabel("milliseconds (median)")
+        axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         axes.set_title(titles, fontsize=10)
         axes.grid(True, which="both", alpha=0.3)
         axes.legend(fontsize=8)
