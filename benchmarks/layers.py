@@ -121,9 +121,10 @@ def _write_big(path: Path, size: int) -> None:
 def _write_sparse(path: Path, size: int, data_bytes: int) -> None:
     with open(path, "wb") as file:
         file.truncate(size)
-        file.seek(size // 4)
-        file.write(small_content(path.name, BLOCK_BYTES) * (data_bytes // BLOCK_BYTES)
-                   or small_content(path.name, data_bytes))
+        if data_bytes:
+            file.seek(size // 4)
+            file.write(small_content(path.name, BLOCK_BYTES) * (data_bytes // BLOCK_BYTES)
+                       or small_content(path.name, data_bytes))
 
 
 def write_spec(root: Path, spec: FileSpec) -> None:
@@ -157,7 +158,22 @@ def build_stack(stack: Stack, root: Path) -> None:
     stack.native.mkdir(parents=True)
     for spec in stack.visible:
         flat = spec if spec.kind != "opaque-dir" else FileSpec(spec.rel, 0, "dir")
+        if spec.kind in ("file", "sparse") and spec.size > HASHED_MAX_BYTES:
+            # Native reads the lower file itself (see native_source); this is a stand-in.
+            flat = FileSpec(spec.rel, 0, "sparse", spec.size, sparse_data=0)
         write_spec(stack.native, flat)
+
+
+def native_sources(stack: Stack) -> dict[str, Path]:
+    """For each visible regular file, the lower file that provides it.
+
+    The native target reads file data from there: the very blocks the union targets read. On a
+    virtual machine the host caches the guest's disk, and a separate native copy, read once a
+    round where the lower file is read by every union target, was measured colder there
+    (cold sequential reads 4x slower than through overlayfs).
+    """
+    return {spec.rel: stack.lowers[spec.layer] / spec.rel for spec in stack.visible
+            if spec.kind in ("file", "sparse")}
 
 
 def add_file(stack: Stack, rel: str, layer: int, size: int, *, visible: bool = True) -> None:

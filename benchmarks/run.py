@@ -326,6 +326,9 @@ def method_notes(sizes: Sizes, mode: str) -> list[str]:
         "/proc/sys/vm/drop_caches (after mounting); warm ones after one untimed pass",
         "native copy-up rows are the floor: an in-kernel copy (copy_file_range, holes "
         "skipped) of the file into a new file on the same disk, then the same write",
+        "native reads file data from the lower file itself (the same blocks the union "
+        "targets read; on a VM a separate copy is colder in the host's cache), and walks "
+        "directories in a flattened copy of the tree",
         "first write = open(O_WRONLY|O_APPEND), write 1 byte, close; kernel overlayfs "
         "fsyncs each copy-up unless mounted volatile",
         "metadata changes: chmod 600, chown 1000:1000, utime, setxattr user.bench; native "
@@ -371,8 +374,7 @@ def run(args: argparse.Namespace, work: Path, out: Path, progress: Progress) -> 
             skipped[target.name] = "tree check failed"
         else:
             measured.append(target)
-    env = Env(sizes, shutil.which("fio"), tarball,
-              {name: stack.native for name, stack in state.stacks.items() if stack.native})
+    env = Env(sizes, shutil.which("fio"), tarball, layers.native_sources(state.stacks["main"]))
     workloads = select_workloads(all_workloads(sizes, tar_files), args.only, env, progress)
     rows: dict[tuple[str, str], report.Row] = {
         (workload.key, metric.name): report.Row(

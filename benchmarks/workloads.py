@@ -59,7 +59,7 @@ class Env:
     sizes: Sizes
     fio: str | None
     tarball: Path | None
-    native_trees: dict[str, Path]
+    native_sources: dict[str, Path]   # natively, file data is read from the lower file
     can_drop_caches: bool = True
 
     def settle(self, *, cold: bool) -> None:
@@ -135,12 +135,17 @@ def expect_size(path: Path, size: int) -> None:
         raise WorkloadError(f"{path.name} is {actual} bytes after the write, not {size}")
 
 
-def first_write_target(mount: Mounted, rel: str) -> Path:
+def data_path(mount: Mounted, env: Env, rel: str) -> Path:
+    """Where *rel*'s data is read: the merged file, or natively the lower file itself."""
+    return env.native_sources[rel] if mount.target.is_native else mount.merged / rel
+
+
+def first_write_target(mount: Mounted, env: Env, rel: str) -> Path:
     """Where the first write goes: the merged file, or natively a fresh in-kernel copy."""
     if not mount.target.is_native:
         return mount.merged / rel
     copy = mount.scratch / Path(rel).name
-    copy_in_kernel(mount.merged / rel, copy)
+    copy_in_kernel(data_path(mount, env, rel), copy)
     return copy
 
 
@@ -157,7 +162,7 @@ def first_write(size: int) -> Run:
         rel = copyup_rel(size)
         env.settle(cold=True)
         start = now_ns()
-        append_byte(first_write_target(mount, rel))
+        append_byte(first_write_target(mount, env, rel))
         elapsed = seconds_since(start)
         expect_size(mount.merged / rel if mount.upper else mount.scratch / Path(rel).name,
                     size + 1)
@@ -168,7 +173,7 @@ def first_write(size: int) -> Run:
 def first_write_sparse(mount: Mounted, env: Env) -> dict[str, float]:
     env.settle(cold=True)
     start = now_ns()
-    append_byte(first_write_target(mount, SPARSE_REL))
+    append_byte(first_write_target(mount, env, SPARSE_REL))
     elapsed = seconds_since(start)
     upper = upper_path(mount, SPARSE_REL)
     return {"time": elapsed, "upper_kib": os.stat(upper).st_blocks * 512 / 1024}
@@ -233,7 +238,7 @@ def many_copy_ups(mount: Mounted, env: Env) -> dict[str, float]:
         start = now_ns()
         if mount.target.is_native:
             copy = mount.scratch / f"f{index}"
-            copy_in_kernel(mount.merged / rel, copy)
+            copy_in_kernel(data_path(mount, env, rel), copy)
             append_byte(copy)
         else:
             append_byte(mount.merged / rel)
@@ -251,7 +256,7 @@ def concurrent_writers(mount: Mounted, env: Env) -> dict[str, float]:
     barrier = threading.Barrier(CONCURRENT_WRITERS + 1)
     errors: list[BaseException] = []
     start = now_ns()
-    path = first_write_target(mount, rel)
+    path = first_write_target(mount, env, rel)
 
     def writer() -> None:
         barrier.wait()
@@ -319,7 +324,7 @@ def list_big_dir(*, cold: bool) -> Run:
 
 
 def sequential_read(mount: Mounted, env: Env) -> dict[str, float]:
-    path = mount.merged / copyup_rel(env.sizes.seq_file)
+    path = data_path(mount, env, copyup_rel(env.sizes.seq_file))
     buffer = bytearray(BLOCK_BYTES)
     env.settle(cold=True)
     start = now_ns()
@@ -355,7 +360,7 @@ def fio_random_reads(mount: Mounted, env: Env) -> dict[str, float]:
     rel = copyup_rel(env.sizes.seq_file)
     env.settle(cold=True)
     result = subprocess.run(
-        [env.fio, "--name=randread", f"--filename={mount.merged / rel}", "--rw=randread",
+        [env.fio, "--name=randread", f"--filename={data_path(mount, env, rel)}", "--rw=randread",
          "--bs=4k", f"--size={env.sizes.seq_file}", "--ioengine=psync", "--invalidate=0",
          "--time_based", f"--runtime={round(env.sizes.fio_seconds * 1000)}ms",
          "--output-format=json"],
