@@ -147,6 +147,34 @@ def unmount_all_active() -> None:
         unmount_quietly(path)
 
 
+def daemon_pids(merged: Path) -> list[int]:
+    """The FUSE daemons serving *merged*: processes with it on their command line."""
+    needle = os.fsencode(merged)
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            with contextlib.suppress(OSError):
+                arguments = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                if needle in arguments:
+                    pids.append(int(entry))
+    return pids
+
+
+def wait_exited(pids: list[int]) -> None:
+    """Wait for daemons to finish exiting after the unmount.
+
+    A cowfs daemon still tearing down made the next measurement up to 5x slower (the native
+    sequential read, always measured right after cowfs, seemed slower than overlayfs).
+    """
+    deadline = time.monotonic() + MOUNT_TIMEOUT_S
+    for pid in pids:
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z"):
+                    break     # a zombie whose parent reaps it later: it has exited
+            time.sleep(0.005)
+
+
 def escape_lowers(lowers: list[Path], *, commas: bool) -> str:
     """`a:b` with `\\:` (and `\\,` inside a -o list) escaped, as overlayfs and cowfs read it."""
     def escape(path: Path) -> str:
@@ -226,6 +254,7 @@ def mounted(target: Target, tools: Tools, lowers: list[Path], native_tree: Path,
     scratch.mkdir()
     unmount_command: list[str] | None = None
     merged = native_tree
+    daemons: list[int] = []
     try:
         if target.is_native:
             yield Mounted(target, native_tree, None, scratch, tools)
@@ -237,10 +266,12 @@ def mounted(target: Target, tools: Tools, lowers: list[Path], native_tree: Path,
         ACTIVE_MOUNTS.add(os.path.realpath(merged))
         _run_checked(command, f"mounting {target.name}")
         wait_mounted(merged, target.name)
+        daemons = daemon_pids(merged)
         yield Mounted(target, merged, upper, scratch, tools)
     finally:
         if not target.is_native:
             unmount_quietly(merged, unmount_command)
+            wait_exited(daemons)
         shutil.rmtree(root, ignore_errors=True)
 
 
