@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/install.sh
-.venv/bin/ruff check cowfs tests
+.venv/bin/ruff check cowfs tests benchmarks
 exec .venv/bin/python -m pytest "$@"
