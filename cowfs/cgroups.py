@@ -4,6 +4,9 @@ Most machines run the unified (v2) hierarchy; hybrid ones (this project's CI amo
 v1 hierarchies for the controllers and an empty v2 one beside them. Each controller is taken
 from v2 when v2 offers it, else from the v1 hierarchy that has it. Every cgroup made here is
 named `cowfs-<run id>` under the caller's own cgroup, so `sweep` finds what a killed run left.
+In v2 a cgroup that holds processes cannot give its children controllers ("no internal
+processes"): where the caller's cgroup holds some (a systemd login session or service does),
+the run's cgroup goes under the nearest ancestor that holds none, as a sibling of the caller's.
 
 Everything takes the filesystem root and /proc files as arguments, so tests run it against a
 fake cgroupfs directory.
@@ -116,7 +119,7 @@ class RunCgroups:
         self.directories: list[str] = []
 
     def _directory(self, hierarchy: Hierarchy) -> str:
-        return os.path.join(hierarchy.mountpoint, hierarchy.own_path.lstrip("/"), self.name)
+        return os.path.join(run_parent(hierarchy), self.name)
 
     def create(self, limits: Limits) -> None:
         """Make the cgroups and write the limits; on failure nothing is left."""
@@ -134,9 +137,8 @@ class RunCgroups:
     def _limit(self, controller: str, hierarchy: Hierarchy, limits: Limits) -> None:
         directory = self._directory(hierarchy)
         if hierarchy.version == 2:
-            parent = os.path.dirname(directory)
             if limits_use(controller, limits):
-                _write(parent, "cgroup.subtree_control", f"+{controller}")
+                _enable_down_to(hierarchy, os.path.dirname(directory), controller)
             if controller == "memory" and limits.memory_bytes is not None:
                 _write(directory, "memory.max", str(limits.memory_bytes))
                 _write(directory, "memory.swap.max", "0")   # past the limit: OOM, not swap
@@ -187,6 +189,29 @@ class RunCgroups:
         self.directories = []
 
 
+def run_parent(hierarchy: Hierarchy) -> str:
+    """Where runs' cgroups go: the caller's cgroup, or in v2 its nearest ancestor without
+    processes of its own (the root may hold processes and still give controllers)."""
+    path = hierarchy.own_path
+    if hierarchy.version == 2:
+        while path not in ("", "/") and _read(os.path.join(
+                hierarchy.mountpoint, path.lstrip("/"), "cgroup.procs")).strip():
+            path = os.path.dirname(path)
+    return os.path.join(hierarchy.mountpoint, path.lstrip("/"))
+
+
+def _enable_down_to(hierarchy: Hierarchy, parent: str, controller: str) -> None:
+    """Give *parent*'s children *controller*: each cgroup from the root down must pass it on."""
+    directories = [hierarchy.mountpoint]
+    relative = os.path.relpath(parent, hierarchy.mountpoint)
+    if relative != ".":
+        for component in relative.split(os.sep):
+            directories.append(os.path.join(directories[-1], component))
+    for directory in directories:
+        if controller not in _read(os.path.join(directory, "cgroup.subtree_control")).split():
+            _write(directory, "cgroup.subtree_control", f"+{controller}")
+
+
 def limits_use(controller: str, limits: Limits) -> bool:
     return {"memory": limits.memory_bytes, "cpu": limits.cpus,
             "pids": limits.pids}[controller] is not None
@@ -195,7 +220,7 @@ def limits_use(controller: str, limits: Limits) -> bool:
 def leftovers(hierarchies: list[Hierarchy]) -> Iterator[str]:
     """The cgroups earlier runs left behind (their runtime was killed)."""
     for hierarchy in hierarchies:
-        parent = os.path.join(hierarchy.mountpoint, hierarchy.own_path.lstrip("/"))
+        parent = run_parent(hierarchy)
         try:
             names = os.listdir(parent)
         except OSError:

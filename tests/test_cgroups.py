@@ -66,6 +66,29 @@ def test_v2_limit_files(tmp_path: Path) -> None:
     assert (group.parent / "cgroup.subtree_control").read_text() == "+pids"   # the last write
 
 
+def test_v2_runs_beside_a_caller_whose_cgroup_holds_processes(tmp_path: Path) -> None:
+    """A v2 cgroup with processes cannot give its children controllers (a systemd session's
+    scope holds the shell): the run's cgroup goes beside it, under the nearest empty one."""
+    fake_cgroupfs(tmp_path, "memory cpu pids")
+    unified = tmp_path / "sys/fs/cgroup/unified"
+    scope = unified / "user.slice" / "session-1.scope"
+    scope.mkdir(parents=True)
+    (scope / "cgroup.procs").write_text("4242\n")
+    (unified / "user.slice" / "cgroup.procs").write_text("")
+    (unified / "cgroup.subtree_control").write_text("cpu memory pids\n")
+    chosen = cgroups.choose(cgroups.read_hierarchies(
+        HYBRID_MOUNTINFO, "0::/user.slice/session-1.scope\n", str(tmp_path)))
+    run = RunCgroups("abc", chosen)
+    run.create(Limits(pids=20))
+    group = unified / "user.slice" / "cowfs-abc"
+    assert run.directories == [str(group)]
+    assert (group / "pids.max").read_text() == "20"
+    assert (unified / "user.slice" / "cgroup.subtree_control").read_text() == "+pids"
+    assert (unified / "cgroup.subtree_control").read_text() == "cpu memory pids\n", \
+        "a controller the root passes on already is not written again"
+    assert list(cgroups.leftovers([chosen["pids"]])) == [str(group)]
+
+
 def test_v1_limit_files(tmp_path: Path) -> None:
     fake_cgroupfs(tmp_path, "")
     chosen = cgroups.choose(cgroups.read_hierarchies(HYBRID_MOUNTINFO, PROC_CGROUP,

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import reap
+from conftest import cowfs_command, reap
 
 from cowfs import cgroups, sandbox
 
@@ -95,6 +95,27 @@ def test_guest_has_only_cgroup2_and_cowfs_chooses_it() -> None:
     chosen = cgroups.choose(found)
     assert {name: hierarchy.version for name, hierarchy in chosen.items()} == \
         {"memory": 2, "cpu": 2, "pids": 2}
+
+
+@in_guest
+def test_guest_run_from_a_cgroup_that_holds_processes(rootfs: Path) -> None:
+    """As from a systemd login session: the caller's cgroup holds processes, so it cannot give
+    its children controllers; the run's cgroup goes beside it, and the limit holds."""
+    scope = Path("/sys/fs/cgroup/test-session.scope")
+    scope.mkdir()
+    try:
+        payload = "(while :; do sleep 30 & done) 2>/dev/null; set -- /proc/[0-9]*; echo $#"
+        result = subprocess.run(
+            ["sh", "-c", f'echo $$ > {scope}/cgroup.procs && exec "$@"', "caller",
+             *cowfs_command("run", "--pids", "20", str(rootfs), "--", "/bin/sh", "-c",
+                            payload)],
+            capture_output=True, text=True, timeout=600, check=False)
+        assert result.returncode == 0, result.stderr
+        assert 2 < int(result.stdout) <= 20
+        assert not [path for path in os.listdir("/sys/fs/cgroup")
+                    if path.startswith(cgroups.CGROUP_PREFIX)]
+    finally:
+        scope.rmdir()
 
 
 class _Messages(logging.Handler):
