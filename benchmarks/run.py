@@ -321,7 +321,8 @@ def method_notes(sizes: Sizes, mode: str) -> list[str]:
     notes = [
         "every measurement on a fresh mount (fresh upper and workdir, new temporary "
         "directory); the lower layers are built once per run and never written",
-        "rounds interleaved: in each round every workload runs on every target in turn",
+        "rounds interleaved: in each round every workload runs on every target in turn, "
+        "the order of targets rotated by one each round",
         "each measurement starts after sync; cold ones also after echo 3 > "
         "/proc/sys/vm/drop_caches (after mounting); warm ones after one untimed pass",
         "native copy-up rows are the floor: an in-kernel copy (copy_file_range, holes "
@@ -384,8 +385,11 @@ def run(args: argparse.Namespace, work: Path, out: Path, progress: Progress) -> 
         for workload in workloads for metric in workload.metrics}
     progress.total = sizes.rounds * len(workloads) * len(measured)
     for round_index in range(sizes.rounds):
+        # Rotated each round: no target always runs first after a cache drop.
+        shift = round_index % len(measured)
+        order = measured[shift:] + measured[:shift]
         for workload in workloads:
-            for target in measured:
+            for target in order:
                 metrics = state.measure(workload, target, env, round_index)
                 for metric in workload.metrics:
                     value = metrics.get(metric.name) if metrics else None
