@@ -34,7 +34,7 @@ EXIT_CODES_HELP = f"""exit status:
   {EXIT_USAGE}   bad arguments, options or layer layout
   {EXIT_MOUNT_FAILED}  the mount could not be made or unmade
 """
-SUBCOMMANDS = ("mount", "umount", "run", "cleanup", "demo")
+SUBCOMMANDS = ("mount", "umount", "run", "cleanup", "demo", "layer", "image")
 
 
 class CliError(Exception):
@@ -109,7 +109,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 
 def add_oci_commands(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """`cowfs layer import/export` and `cowfs image unpack` (issue 6)."""
+    """`cowfs layer import/export` and `cowfs image unpack`."""
     layer = commands.add_parser("layer", help="OCI layer tars in and out of layer directories")
     layer_commands = layer.add_subparsers(dest="layer_command", required=True, metavar="ACTION")
     import_ = layer_commands.add_parser(
@@ -171,8 +171,18 @@ def command_cleanup() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _dispatch(list(sys.argv[1:] if argv is None else argv))
+    except CliError as exc:
+        print(f"cowfs: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except LayoutError as exc:
+        print(f"cowfs: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _dispatch(argv: list[str]) -> int:
     parser, commands = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "run":
         if "--" not in argv:
             commands["run"].error("the command to run follows --")
@@ -182,39 +192,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not arguments.payload:
             commands["run"].error("no command after --")
     elif argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version"):
-        try:
-            return command_mount_program(argv)
-        except CliError as exc:
-            print(f"cowfs: {exc}", file=sys.stderr)
-            return exc.exit_code
-        except LayoutError as exc:
-            print(f"cowfs: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+        return command_mount_program(argv)
     elif argv and argv[0] in commands:
         # Options may stand anywhere, also after the layers (`mount L M -o ro`).
         arguments = commands[argv[0]].parse_intermixed_args(argv[1:])
         arguments.command = argv[0]
     else:
         arguments = parser.parse_args(argv)
-    try:
-        if arguments.command == "mount":
-            return command_mount(arguments)
-        if arguments.command == "umount":
-            return command_umount(arguments.mountpoint, lazy=arguments.lazy)
-        if arguments.command == "run":
-            return command_run(arguments)
-        if arguments.command == "cleanup":
-            return command_cleanup()
-        if arguments.command in ("layer", "image"):
-            return command_oci(arguments)
-        from cowfs import demo
-        return demo.run(arguments.image)
-    except CliError as exc:
-        print(f"cowfs: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except LayoutError as exc:
-        print(f"cowfs: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    if arguments.command == "mount":
+        return command_mount(arguments)
+    if arguments.command == "umount":
+        return command_umount(arguments.mountpoint, lazy=arguments.lazy)
+    if arguments.command == "run":
+        return command_run(arguments)
+    if arguments.command == "cleanup":
+        return command_cleanup()
+    if arguments.command in ("layer", "image"):
+        return command_oci(arguments)
+    from cowfs import demo
+    return demo.run(arguments.image)
 
 
 def command_mount(arguments: argparse.Namespace) -> int:

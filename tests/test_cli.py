@@ -1,5 +1,6 @@
 """The command line: a mount that returns when live, one-line errors for bad input."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pytest
 from conftest import cowfs_command, is_mounted, mounted_cowfs, unmount_quietly, wait_until
 
 import cowfs
+from cowfs import cli
 from cowfs.layers import read_mountinfo
 
 pytestmark = pytest.mark.mounts
@@ -164,3 +166,11 @@ def test_demo_shows_the_example_image_and_unmounts() -> None:
 
 def _mounts() -> list[str]:
     return [mount.mountpoint for mount in read_mountinfo()]
+
+
+def test_every_subcommand_is_told_apart_from_the_mount_program_form() -> None:
+    """A first argument that names no subcommand selects `cowfs -o ... MERGED`."""
+    parser, _ = cli.build_parser()
+    (subcommands,) = [action for action in parser._actions
+                      if isinstance(action, argparse._SubParsersAction)]
+    assert set(subcommands.choices) == set(cli.SUBCOMMANDS)
