@@ -7,11 +7,21 @@ The public API: open a layer stack and read the merged tree without FUSE (`Union
 from cowfs.handle import Mounted, MountError, mount_stack, mounted, open_mounted
 from cowfs.layers import LayerStack, LayoutError, open_stack, parse_lowerdirs
 from cowfs.lookup import Directory, Entry
-from cowfs.ociimage import ImageError, unpack_image
-from cowfs.ocilayer import LayerError, export_layer, import_layer
 from cowfs.union import Union
 
 __version__ = "0.1.0"
+
+# Loaded on first use: tar and digest handling is not needed to mount or run (start-up time).
+_LAZY = {"ImageError": "cowfs.ociimage", "unpack_image": "cowfs.ociimage",
+         "LayerError": "cowfs.ocilayer", "export_layer": "cowfs.ocilayer",
+         "import_layer": "cowfs.ocilayer"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'cowfs' has no attribute {name!r}")
 
 __all__ = [
     "Directory",
