@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import os
 import stat
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -272,7 +273,13 @@ def run_write_sequence(stack: WriteStack, data: st.DataObject,
         return data.draw(operations(tree, stack.names), label=f"step {step}")
 
     with tempfile.TemporaryDirectory(prefix="cowfs-write-") as temporary:
-        taken = compare_sequence(Path(temporary), stack, draw_operation, subject=subject)
+        try:
+            taken = compare_sequence(Path(temporary), stack, draw_operation, subject=subject)
+        except AssertionError as failure:
+            # Shown with the test's output even when hypothesis, replaying the example, ends
+            # in a flaky-data error instead of this one.
+            print(f"[write oracle] difference found:\n{failure}", file=sys.stderr)
+            raise
     assert taken == STEPS
     compared[subject.name] = compared.get(subject.name, 0) + 1
 

@@ -32,7 +32,6 @@ from layer_model import (
     Stack,
     Symlink,
     Whiteout,
-    XattrWhiteout,
     read_all,
     user_xattrs,
     walk,
@@ -86,8 +85,6 @@ def _leaf(draw: st.DrawFn, kind: str) -> Node:
             return Fifo(draw(modes), draw(owners), draw(owners))
         case "whiteout":
             return Whiteout()
-        case "xattr whiteout":
-            return XattrWhiteout()
     raise ValueError(kind)
 
 
@@ -100,8 +97,9 @@ def _directory(draw: st.DrawFn, pools: list[list[str]], depth: int,
     kinds = ["file", "file", "file", "symlink", "fifo", "whiteout", "whiteout"]
     if depth + 1 < len(POOL_SIZES):
         kinds += ["dir"] * (5 if depth == 0 else 3)
-    if directory.opaque == "x":
-        kinds.append("xattr whiteout")
+    # No xattr whiteouts: in a directory that is not merged the kernel lists one as a file and
+    # hides it from lookup only once it has met an opaque=x directory of that layer, so its
+    # answers depend on history. The read oracle covers them where they are defined.
     # A layer root has at least three entries: a near-empty stack is seldom worth a sequence.
     for name in draw(st.lists(st.sampled_from(pools[depth]), unique=True,
                               min_size=3 if depth == 0 else 0)):
