@@ -57,14 +57,6 @@ class Durability:
         else:
             self.pending = True
 
-    def user_sync(self) -> bool:
-        """A user asked for fsync: make the changes so far durable too; False if volatile
-        (the user's own fsync is then skipped as well)."""
-        if self.mode == VOLATILE:
-            return False
-        self.flush()
-        return True
-
     def flush(self) -> None:
         """One syncfs for every change since the last (batch); volatile mounts never sync."""
         if self.pending and self.mode != VOLATILE:

@@ -23,7 +23,14 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 
 from cowfs import daemon, durability
 from cowfs.idmap import IdMap
-from cowfs.layers import LayoutError, check_mountpoint, open_stack, read_mountinfo, unmount
+from cowfs.layers import (
+    LayoutError,
+    check_mountpoint,
+    format_lowerdirs,
+    open_stack,
+    read_mountinfo,
+    unmount,
+)
 
 UNMOUNT_TIMEOUT_S = 30.0
 
@@ -135,7 +142,7 @@ def _mount_command(lowers: Sequence[str], mountpoint: str, *, upper: str | None,
                    workdir: str | None, fsync: str,
                    uidmapping: tuple[tuple[int, int, int], ...],
                    gidmapping: tuple[tuple[int, int, int], ...]) -> list[str]:
-    lowerdir = ":".join(path.replace("\\", "\\\\").replace(":", "\\:") for path in lowers)
+    lowerdir = format_lowerdirs(list(lowers))
     options = [f"fsync={fsync}"]
     for name, triples in (("uidmapping", uidmapping), ("gidmapping", gidmapping)):
         if triples:

@@ -102,6 +102,11 @@ def split_escaped(spec: str, separator: str) -> list[str]:
     return parts
 
 
+def format_lowerdirs(paths: list[str]) -> str:
+    r"""`parse_lowerdirs` the other way: paths joined by `:`, each `\` and `:` escaped."""
+    return ":".join(path.replace("\\", "\\\\").replace(":", "\\:") for path in paths)
+
+
 def parse_lowerdirs(spec: str) -> list[str]:
     """`a:b:c` as a list of lower layer paths, top first."""
     lowers = split_escaped(spec, ":")

@@ -181,6 +181,11 @@ class Listing:
     names: list[str]
     lower_names: dict[int, frozenset[str]]   # layer -> its names and `.wh.` marker targets
 
+    def may_hold(self, layer: int, name: str) -> bool:
+        """False only for a lower layer scanned without *name* (the upper is never skipped)."""
+        held = self.lower_names.get(layer)
+        return held is None or name in held
+
 
 def make_root(stack: LayerStack) -> Directory:
     """The merged root: every layer's root. As in the kernel, a layer root is never opaque."""
@@ -287,8 +292,8 @@ def lookup(fds: DirectoryFds, parent: Directory, name: str, *,
     try:
         for layer in range(parent.layers[0], len(fds.stack.layers)):
             if listing is not None and search.place == name \
-                    and name not in listing.lower_names.get(layer, (name,)):
-                continue                   # a lower layer scanned without it
+                    and not listing.may_hold(layer, name):
+                continue
             where = search.directory_fd(layer)
             if where is None:
                 continue
@@ -381,7 +386,7 @@ def _shown_below(fds: DirectoryFds, parent: Directory, name: str, layer: int,
     for lower in parent.layers:
         if lower <= layer:
             continue
-        if listing is not None and name not in listing.lower_names.get(lower, (name,)):
+        if listing is not None and not listing.may_hold(lower, name):
             continue
         try:
             if _find(fds.fd(parent, lower), name, lower in parent.xwhiteout_layers) is not None:

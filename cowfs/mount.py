@@ -121,8 +121,6 @@ class FileHandle:
         return entry.layer, entry.metacopy
 
 
-
-
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -571,12 +569,12 @@ async def _flush_batches(durability: Durability) -> None:
             await trio.to_thread.run_sync(durability.flush)
 
 
-async def serve(early_signals: list[int], operations: Operations | None = None) -> None:
+async def serve(early_signals: list[int], operations: Operations) -> None:
     """Answer requests until unmounted or signalled, then unmount."""
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(_terminate_on_signal)
-            durability = operations.union.durability if operations is not None else None
+            durability = operations.union.durability
             if durability is not None and durability.mode == BATCH:
                 nursery.start_soon(_flush_batches, durability)
             if early_signals:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 from cowfs import ocilayer
+from cowfs.layers import format_lowerdirs
 
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME_ANNOTATION = "io.containerd.image.name"
@@ -54,11 +55,6 @@ class _Layer:
     diff_id: str
 
 
-def escape_layer_path(path: str) -> str:
-    r"""A path as one element of a lowerdir list: `\` and `:` escaped."""
-    return path.replace("\\", "\\\\").replace(":", "\\:")
-
-
 def unpack_image(source: str, destination: str, *, ref: str | None = None,
                  whiteouts: str = "kernel",
                  progress: Callable[[str], None] | None = None) -> UnpackResult:
@@ -79,7 +75,7 @@ def unpack_image(source: str, destination: str, *, ref: str | None = None,
                 _unpack_layer(storage, layer, target, label, report, whiteouts)
                 unpacked += 1
             directories.append(target)
-    lowerdir = ":".join(escape_layer_path(path) for path in reversed(directories))
+    lowerdir = format_lowerdirs(list(reversed(directories)))
     lowerdir_file = os.path.join(destination, f"{_file_name(name)}.lowerdir")
     _write_atomically(lowerdir_file, lowerdir + "\n")
     return UnpackResult(directories, lowerdir, lowerdir_file, unpacked)

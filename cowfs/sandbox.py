@@ -49,8 +49,7 @@ class Sandbox:
     def __init__(self, layers: str | Sequence[str], *, upper: str | None = None,
                  memory: str | int | None = None, cpus: float | None = None,
                  pids: int | None = None) -> None:
-        self.lowerdir = layers if isinstance(layers, str) else ":".join(
-            path.replace("\\", "\\\\").replace(":", "\\:") for path in layers)
+        self.lowers = parse_lowerdirs(layers) if isinstance(layers, str) else list(layers)
         self.kept_upper = upper
         try:
             memory_bytes = cgroups.parse_size(memory) if isinstance(memory, str) else memory
@@ -85,7 +84,7 @@ class Sandbox:
         os.makedirs(self.upper, exist_ok=True)
         workdir = None if self.kept_upper else os.path.join(self.scratch, "work")
         try:
-            self.mount = handle.mount_stack(parse_lowerdirs(self.lowerdir), self.merged,
+            self.mount = handle.mount_stack(self.lowers, self.merged,
                                             upper=self.upper, workdir=workdir)
         except LayoutError as exc:
             raise SandboxError(str(exc)) from None

@@ -14,6 +14,7 @@ from oci_tars import add_image, member, tar_bytes
 from test_ociimage import build_with_umoci
 
 from cowfs import ociimage, ocilayer
+from cowfs.layers import format_lowerdirs
 
 pytestmark = pytest.mark.mounts
 
@@ -115,7 +116,7 @@ def test_change_export_import_restack(tmp_path: Path, image: str) -> None:
         assert os.getxattr(upper / "cache", "trusted.overlay.opaque") == b"y"
 
     layer_tar = tmp_path / "changes.tar.zst"
-    lowerdir = ":".join(ociimage.escape_layer_path(str(path)) for path in lowers)
+    lowerdir = format_lowerdirs([str(path) for path in lowers])
     exported = subprocess.run(cowfs_command("layer", "export", str(upper), "-o", str(layer_tar),
                                             "--lowers", lowerdir),
                               capture_output=True, text=True, check=False)
