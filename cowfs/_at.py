@@ -53,3 +53,41 @@ def exists(dir_fd: int, name: str) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+# A location is (directory fd, name) for *at() calls, or (fd of the thing itself, None): a
+# directory, or a file held open after its last name went. The helpers below take both.
+
+
+def stat_location(dir_fd: int, name: str | None) -> os.stat_result:
+    if name is None:
+        return os.stat(dir_fd)
+    return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def open_location(dir_fd: int, name: str | None, flags: int, mode: int = 0o777) -> int:
+    """open(2) of a location; an fd held on the file itself is reopened through /proc (where
+    O_NOFOLLOW would refuse the magic link, and there is no name left to follow anyway)."""
+    if name is None:
+        return os.open(fd_path(dir_fd), flags & ~os.O_NOFOLLOW, mode)
+    return os.open(name, flags | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
+
+
+def readlink_location(dir_fd: int, name: str | None) -> str:
+    # readlinkat with an empty name reads the symlink an O_PATH fd holds.
+    return os.readlink(name if name is not None else "", dir_fd=dir_fd)
+
+
+def path_of(dir_fd: int, name: str | None) -> tuple[str, bool]:
+    """A /proc path reaching the location, and the follow_symlinks to pass with it: the magic
+    link is followed to the inode it holds, which (even for a symlink) is not followed on."""
+    return fd_path(dir_fd, name), name is None
+
+
+def link_location(source_fd: int, source_name: str | None, dir_fd: int, name: str) -> None:
+    """link(2) from a location; a held fd links through /proc (linkat's AT_SYMLINK_FOLLOW)."""
+    if source_name is None:
+        os.link(fd_path(source_fd), name, dst_dir_fd=dir_fd, follow_symlinks=True)
+    else:
+        os.link(source_name, name, src_dir_fd=source_fd, dst_dir_fd=dir_fd,
+                follow_symlinks=False)

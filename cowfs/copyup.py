@@ -18,11 +18,11 @@ from collections.abc import Callable, Generator
 
 from cowfs import _at, _libc, lookup, whiteout
 from cowfs.durability import Durability
-from cowfs.lookup import Directory, DirectoryFds, Entry
+from cowfs.lookup import UPPER, Directory, DirectoryFds, Entry, Name
 
 log = logging.getLogger(__name__)
 
-UPPER = 0     # the upper layer's index in LayerStack.layers, when there is one
+__all__ = ["UPPER", "CopyUp", "CopyUpStats", "DataCopy", "Staging"]
 _CHUNK_BYTES = 1 << 20
 # copy_file_range cannot serve these (old kernels, cross-filesystem, special files).
 _NO_COPY_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
@@ -183,16 +183,17 @@ class CopyUp:
         """The fd of *directory*'s upper copy, copying it (and its parents) up if missing."""
         if directory.layers[0] == UPPER:
             return self.fds.fd(directory, UPPER)
-        assert directory.parent is not None, "the root always has an upper copy"
-        parent_fd = self.upper_directory(directory.parent)
-        existing = _lstat_or_none(parent_fd, directory.name)
+        assert not directory.is_root, "the root always has an upper copy"
+        own_name = directory.own_name
+        parent_fd = self.upper_directory(own_name.parent)
+        existing = _lstat_or_none(parent_fd, own_name.name)
         if existing is None or not stat.S_ISDIR(existing.st_mode):
-            for _ in self._stage_and_place(directory, self._stage_directory):
+            for _ in self._stage_and_place(directory, own_name, self._stage_directory):
                 raise AssertionError("a directory has no data to copy")
-            parent_fd = self.upper_directory(directory.parent)
-        fd = os.open(directory.name, _at.DIR_PATH_FLAGS, dir_fd=parent_fd)
+            parent_fd = self.upper_directory(own_name.parent)
+        fd = os.open(own_name.name, _at.DIR_PATH_FLAGS, dir_fd=parent_fd)
         directory.stat = os.fstat(fd)
-        directory.has_lower = True
+        own_name.has_lower = True
         self.fds.add_layer_on_top(directory, UPPER, fd)
         if directory.places:           # its lower copies are elsewhere: say where
             self.redirect(directory)
@@ -215,21 +216,30 @@ class CopyUp:
 
     def layer_path(self, directory: Directory, layer: int) -> tuple[str, ...]:
         """The path from the root of *layer* to *directory*'s copy there."""
-        if directory.parent is None:
+        if directory.is_root:
             return ()
         place = directory.places.get(layer, directory.name)
         if isinstance(place, tuple):
             return place
         return (*self.layer_path(directory.parent, layer), place)
 
-    def needs_copy_up(self, entry: Entry, *, data: bool = True) -> bool:
+    def needs_copy_up(self, entry: Entry, *, data: bool = True, name: Name | None = None
+                      ) -> bool:
         if isinstance(entry, Directory):
             return entry.layers[0] != UPPER
-        return entry.layer != UPPER or (data and entry.metacopy)
+        names = [name] if name is not None else entry.names
+        return (entry.layer != UPPER or (data and entry.metacopy)
+                or any(known.layer != UPPER for known in names))
 
-    def copy_up_steps(self, entry: Entry, *, data: bool = True) -> CopyUpSteps:
-        """Give an entry an upper copy; without *data*, a metadata-only one where it can.
+    def copy_up_steps(self, entry: Entry, *, data: bool = True, name: Name | None = None
+                      ) -> CopyUpSteps:
+        """Give an entry (a file, whichever name it came by) an upper copy; without *data*, a
+        metadata-only one where it can. *name*, one of the entry's names, must then be in the
+        upper too (a rename moves it there); without it, every name known of the entry is.
 
+        The copy goes to *name*, or else the entry's first name. A lower file whose names are
+        all gone cannot be copied up: EEXIST, as the kernel answers (its copy-up meets what
+        now stands at the old name).
         A metadata-only copy (the kernel's metacopy) of a regular file is a sparse file of the
         same size marked `overlay.metacopy`, whose data stays in the lower copy until the
         first write or truncate. A lower file with several names is always copied whole:
@@ -238,40 +248,53 @@ class CopyUp:
         if isinstance(entry, Directory):
             self.upper_directory(entry)
             return
-        if entry.layer == UPPER:
-            if data and entry.metacopy:
-                yield from self._copy_up_data(entry)
-            return
-        assert entry.parent is not None
-        if entry.index_name is not None:
-            # Another name of this file is up already: this name becomes a link to it.
-            parent_fd = self.upper_directory(entry.parent)
-            os.link(entry.index_name, entry.name, src_dir_fd=self.index_fd, dst_dir_fd=parent_fd,
-                    follow_symlinks=False)
-            self.durability.changed(parent_fd)
-            self._now_upper(entry, parent_fd)
-            self.stats.copy_ups += 1
-            return
+        if entry.layer != UPPER:
+            if name is None and not entry.names:
+                raise OSError(errno.EEXIST, "the names of this lower file are gone",
+                              entry.describe())
+            yield from self._copy_up_file(entry, name or entry.names[0], data=data)
+        elif data and entry.metacopy:
+            yield from self._copy_up_data(entry)
+        # A change made by file (no name) brings every name known of it up, as a change
+        # through each name would with the kernel: a reader without cowfs's index (the
+        # kernel) then sees the change at each of them.
+        for lower_name in [name] if name is not None else list(entry.names):
+            if lower_name.layer != UPPER:
+                self.link_up(entry, lower_name)
+
+    def _copy_up_file(self, entry: Entry, name: Name, *, data: bool) -> CopyUpSteps:
         metadata_only = (not data and stat.S_ISREG(entry.stat.st_mode)
                          and entry.stat.st_nlink == 1)
-        lower_layer = entry.layer
+        lower_layer = name.layer
         yield from self._stage_and_place(
-            entry, self._stage_metacopy if metadata_only else self._stage_file)
-        self._now_upper(entry, self.upper_directory(entry.parent))
+            entry, name, self._stage_metacopy if metadata_only else self._stage_file)
+        self._now_upper(entry, name)
         if metadata_only:
-            entry.metacopy, entry.data = True, (lower_layer, entry.name)
+            entry.metacopy, entry.data = True, (lower_layer, name.name)
+            entry.data_parent = name.parent
             self.stats.metadata_only += 1
+
+    def link_up(self, entry: Entry, name: Name) -> None:
+        """A lower name of a file whose copy is up already (through the index) gets its own
+        link to that copy in the upper, as the kernel's index=on does."""
+        source_fd, source_name = entry.location(self.fds)
+        parent_fd = self.upper_directory(name.parent)
+        _at.link_location(source_fd, source_name, parent_fd, name.name)
+        self.durability.changed(parent_fd)
+        name.layer, name.has_lower = UPPER, True
+        self.stats.copy_ups += 1
 
     def drop_metacopy(self, entry: Entry) -> None:
         """A metadata-only copy that was truncated to nothing has all its data: unmark it."""
         directory_fd, name = entry.location(self.fds)
         self.marks.clear_metacopy(directory_fd, name)
-        entry.metacopy, entry.data = False, None
+        entry.metacopy, entry.data, entry.data_parent = False, None, None
 
-    def _now_upper(self, entry: Entry, parent_fd: int) -> None:
-        entry.layer = UPPER
-        entry.stat = os.stat(entry.name, dir_fd=parent_fd, follow_symlinks=False)
-        entry.has_lower = True
+    def _now_upper(self, entry: Entry, name: Name) -> None:
+        parent_fd = self.upper_directory(name.parent)
+        entry.layer = name.layer = UPPER
+        name.has_lower = True
+        entry.stat = os.stat(name.name, dir_fd=parent_fd, follow_symlinks=False)
 
     def _copy_up_data(self, entry: Entry) -> CopyUpSteps:
         """Fill a metadata-only upper copy with its data, then drop the metacopy mark.
@@ -281,47 +304,45 @@ class CopyUp:
         """
         started = time.perf_counter()
         directory_fd, name = entry.location(self.fds)
-        st = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
+        st = _at.stat_location(directory_fd, name)
         capability = _at.get_xattr(directory_fd, name, _CAPABILITY)
         yield from self._data_copy(
             lookup.open_data(self.fds, entry, _READ_FLAGS),
-            lambda: os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                            dir_fd=directory_fd),
+            lambda: _at.open_location(directory_fd, name, os.O_WRONLY | os.O_CLOEXEC),
             st.st_size)
         directory_fd, name = entry.location(self.fds)   # the fd may have been recycled
+        path, follow = _at.path_of(directory_fd, name)
         if capability is not None:
-            os.setxattr(_at.fd_path(directory_fd, name), _CAPABILITY, capability,
-                        follow_symlinks=False)
+            os.setxattr(path, _CAPABILITY, capability, follow_symlinks=follow)
         self.marks.clear_metacopy(directory_fd, name)
-        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=directory_fd,
-                 follow_symlinks=False)
-        self.durability.changed(directory_fd)
-        entry.metacopy, entry.data = False, None
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=follow)
+        if name is not None:
+            self.durability.changed(directory_fd)
+        entry.metacopy, entry.data, entry.data_parent = False, None, None
         self.stats.seconds += time.perf_counter() - started
-        log.debug("copied up the data of %r", name)
+        log.debug("copied up the data of %s", entry.describe())
 
-    def _stage_and_place(self, entry: Entry,
+    def _stage_and_place(self, entry: Entry, target: Name,
                          stage: Callable[[Entry, os.stat_result, str], CopyUpSteps]
                          ) -> CopyUpSteps:
-        """Make the copy in staging, then rename it into the upper parent in one step."""
-        assert entry.parent is not None
+        """Make the copy in staging, then rename it into the upper parent at *target*, one of
+        the entry's names, in one step."""
         started = time.perf_counter()
-        source_dir_fd, source_name = self._source(entry)
-        st = os.stat(source_name, dir_fd=source_dir_fd, follow_symlinks=False) \
-            if source_name is not None else os.stat(source_dir_fd)
+        source_dir_fd, source_name = entry.location(self.fds)
+        st = _at.stat_location(source_dir_fd, source_name)
         origin_ino = self.inode_number(entry)
         staged = self.staging.new_name()
         try:
             yield from stage(entry, st, staged)
             # Directory fds may have been recycled while the data was copied: fetch them anew.
-            source_dir_fd, source_name = self._source(entry)
+            source_dir_fd, source_name = entry.location(self.fds)
             copy_metadata(source_dir_fd, source_name, st, self.staging.fd, staged)
             self.marks.record_origin_ino(self.staging.fd, staged, origin_ino)
             if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
                 self._index(staged, origin_ino, st.st_nlink, entry)
-            parent_fd = self.upper_directory(entry.parent)
+            parent_fd = self.upper_directory(target.parent)
             parent_times = os.stat(parent_fd)
-            _libc.renameat2(self.staging.fd, staged, parent_fd, entry.name,
+            _libc.renameat2(self.staging.fd, staged, parent_fd, target.name,
                             _libc.RENAME_NOREPLACE)
         except BaseException:
             self.staging.remove(staged)
@@ -330,7 +351,7 @@ class CopyUp:
         self.stats.copy_ups += 1
         self.stats.directories += stat.S_ISDIR(st.st_mode)
         self.stats.seconds += time.perf_counter() - started
-        log.debug("copied up %r (inode %d)", entry.name, origin_ino)
+        log.debug("copied up %r (inode %d)", target.name, origin_ino)
         # As the kernel: the parent's times do not change for a copy-up.
         os.utime(_at.fd_path(parent_fd), ns=(parent_times.st_atime_ns, parent_times.st_mtime_ns))
         entry.origin_ino = origin_ino
@@ -346,11 +367,6 @@ class CopyUp:
         os.link(staged, index_name, src_dir_fd=self.staging.fd, dst_dir_fd=self.index_fd,
                 follow_symlinks=False)
         entry.index_name = index_name
-
-    def _source(self, entry: Entry) -> tuple[int, str | None]:
-        if isinstance(entry, Directory):
-            return self.fds.fd(entry, entry.layer), None
-        return entry.location(self.fds)
 
     def _data_copy(self, source: int, open_target: Callable[[], int], size: int
                    ) -> CopyUpSteps:
@@ -389,12 +405,12 @@ class CopyUp:
         mode = st.st_mode
         if stat.S_ISREG(mode):
             yield from self._data_copy(
-                os.open(source_name, _READ_FLAGS, dir_fd=source_dir_fd),
+                _at.open_location(source_dir_fd, source_name, _READ_FLAGS),
                 lambda: os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                                 0o600, dir_fd=self.staging.fd),
                 st.st_size)
         elif stat.S_ISLNK(mode):
-            os.symlink(os.readlink(source_name, dir_fd=source_dir_fd), staged,
+            os.symlink(_at.readlink_location(source_dir_fd, source_name), staged,
                        dir_fd=self.staging.fd)
         else:
             os.mknod(staged, mode, st.st_rdev, dir_fd=self.staging.fd)

@@ -32,6 +32,7 @@ class Durability:
         self.mode = mode
         self.pending = False        # changes made since the last syncfs
         self.syncs = 0              # syncfs and fsync calls made, for the statistics
+        self._syncing = False
         assert stack.upper is not None and stack.work is not None
         # syncfs and fsync need an fd opened for reading: the layer fds are O_PATH.
         self._upper_fd = os.open(_at.fd_path(stack.upper.fd), os.O_RDONLY | os.O_DIRECTORY)
@@ -74,9 +75,20 @@ class Durability:
         self._upper_fd = -1
 
     def _syncfs(self) -> None:
+        # Changes made while it runs (it may run in a worker thread) stay pending for the
+        # next; `unsynced` stays true until this one is counted.
         self.pending = False
-        _libc.syncfs(self._upper_fd)
-        self.syncs += 1
+        self._syncing = True
+        try:
+            _libc.syncfs(self._upper_fd)
+        finally:
+            self.syncs += 1
+            self._syncing = False
+
+    @property
+    def unsynced(self) -> bool:
+        """Changes not yet durable, a sync under way included."""
+        return self.pending or self._syncing
 
 
 def _remove_marker(marker: str) -> None:

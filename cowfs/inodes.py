@@ -7,7 +7,6 @@ copy-up), never a counter: hard links of one file are one node, and a remount gi
 
 import errno
 import logging
-import os
 from typing import NewType
 
 from cowfs.lookup import Directory, DirectoryFds, Entry
@@ -20,38 +19,22 @@ ROOT_ID = NodeId(ROOT_INO)        # FUSE_ROOT_ID: the kernel's name for the moun
 
 
 class Node:
-    __slots__ = ("entry", "id", "lookups", "pinned_fd")
+    """A file the kernel knows: its entry (the file itself, whatever happens to its names)."""
+
+    __slots__ = ("entry", "id", "lookups")
 
     def __init__(self, node_id: NodeId, entry: Entry) -> None:
         self.id = node_id
         self.entry = entry
         self.lookups = 0      # how many times the kernel was told of this node, less forgets
-        # An O_PATH fd on a removed entry's file: stat still answers while the kernel holds it.
-        self.pinned_fd: int | None = None
-
-    def pin(self, union: Union) -> None:
-        """Keep the entry's file reachable after its name goes (unlink, rmdir, rename over it).
-
-        It also keeps the inode allocated, so the upper filesystem cannot give its number to a
-        new file while the kernel still knows this node by it.
-        """
-        if self.pinned_fd is not None:
-            return
-        if isinstance(self.entry, Directory):
-            self.pinned_fd = os.dup(union.fds.fd(self.entry, self.entry.layer))
-            return
-        directory_fd, name = self.entry.location(union.fds)
-        self.pinned_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                 dir_fd=directory_fd)
-
-    def unpin(self) -> None:
-        if self.pinned_fd is not None:
-            os.close(self.pinned_fd)
-            self.pinned_fd = None
 
 
 class InodeTable:
-    """The nodes the kernel knows, by id; each lives until the kernel forgets it."""
+    """The nodes the kernel knows, by id; each lives until the kernel forgets it.
+
+    A node holds its entry, so the entry, and a removed file's pinned fd with it, lives as
+    long as the kernel may still send requests for it.
+    """
 
     def __init__(self, union: Union, fds: DirectoryFds) -> None:
         self._union = union
@@ -67,26 +50,21 @@ class InodeTable:
         except KeyError:
             raise OSError(errno.ESTALE, f"unknown node {node_id}") from None
 
-    def find(self, entry: Entry) -> Node | None:
-        """The node of *entry*, if the kernel knows it."""
-        node = self._nodes.get(self.id_for(entry))
-        return node if node is not None and node.entry is entry else None
-
     def remember(self, entry: Entry, node_id: NodeId | None = None) -> Node:
         """Count one lookup of *entry*.
 
-        A node keeps its entry while that stays in the tree (another name of a hard-linked
-        file is the same node); a removed entry gives way to the living one.
+        The union gives one entry per file, so a node's entry only changes when its number
+        now names another file (a removed directory's number on a new one, say).
         """
         if node_id is None:
             node_id = self.id_for(entry)
         node = self._nodes.get(node_id)
         if node is None:
             node = self._nodes[node_id] = Node(node_id, entry)
-        elif node.entry is not entry and (node.entry.removed or entry.is_directory):
+        elif node.entry is not entry:
+            log.debug("node %d now shows %r instead of %r", node_id, entry, node.entry)
             old = node.entry
             node.entry = entry
-            node.unpin()
             if isinstance(old, Directory):
                 self._fds.discard(old)
         node.lookups += 1
@@ -99,6 +77,5 @@ class InodeTable:
         node.lookups -= count
         if node.lookups <= 0:
             del self._nodes[node.id]
-            node.unpin()
             if isinstance(node.entry, Directory):
                 self._fds.discard(node.entry)

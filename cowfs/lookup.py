@@ -16,6 +16,7 @@ import errno
 import logging
 import os
 import stat
+import weakref
 
 from cowfs import _at, whiteout
 from cowfs.layers import LayerStack
@@ -25,45 +26,112 @@ log = logging.getLogger(__name__)
 
 # Well under the usual 20,000 RLIMIT_NOFILE of a root shell, leaving room for open files.
 DEFAULT_FD_BUDGET = 4096
+UPPER = 0     # the upper layer's index in LayerStack.layers, when there is one
+
+
+class Name:
+    """One name of an entry in the merged tree: a hard-linked file has several.
+
+    Per name, not per file: the layer that holds this name (a lower name of a file whose copy
+    is up through another name is still only in its lower layer), and whether a lower layer
+    shows it (deleting it then needs a whiteout).
+    """
+
+    __slots__ = ("has_lower", "layer", "name", "parent")
+
+    def __init__(self, parent: "Directory", name: str, layer: int) -> None:
+        self.parent = parent
+        self.name = name
+        self.layer = layer
+        self.has_lower = True
+
+    def __repr__(self) -> str:
+        return f"Name({self.name!r}, layer {self.layer})"
 
 
 class Entry:
-    """A visible name in the merged tree and where its topmost copy lives."""
+    """A file of the merged tree, as the kernel's overlayfs has inodes: its topmost copy, and
+    the names it is known by.
 
-    __slots__ = ("__weakref__", "data", "has_lower", "index_name", "layer", "metacopy", "name",
-                 "origin_ino", "parent", "removed", "stat")
+    What arrives by file (a FUSE node, an open handle) acts on this object, never on whatever
+    a name shows now: unlinking a name, renaming over it or replacing it changes `names`, not
+    which file this is. When the last name goes, `pin` keeps an O_PATH fd of the copy, so the
+    file stays reachable (and its inode allocated) for as long as anyone holds the entry.
+    """
 
-    def __init__(self, parent: "Directory | None", name: str, layer: int,
-                 st: os.stat_result) -> None:
-        self.parent = parent
-        self.name = name
+    __slots__ = ("__weakref__", "_unpin", "data", "data_parent", "index_name", "layer",
+                 "metacopy", "names", "origin_ino", "pinned_fd", "removed", "stat")
+
+    def __init__(self, name: Name | None, layer: int, st: os.stat_result) -> None:
+        self.names: list[Name] = [] if name is None else [name]
         self.layer = layer       # index into LayerStack.layers of the topmost copy
-        self.stat = st           # that copy's lstat, as found
-        # A lower layer shows this name (the topmost copy is there, or below an upper copy):
-        # deleting it then needs a whiteout.
-        self.has_lower = True
+        self.stat = st           # that copy's lstat, as last seen
         # The inode number the merged view showed before copy-up, recorded in the upper copy.
         self.origin_ino: int | None = None
-        self.removed = False     # unlinked or replaced: only open handles still reach it
+        self.removed = False     # every name is gone: only holders of the entry reach it
+        self.pinned_fd: int | None = None
+        self._unpin: weakref.finalize | None = None
         # An upper copy with metadata only (the kernel's metacopy): its data is still in the
         # lower copy at `data` (layer, place), or lost (None: reading gives EIO, as the kernel).
         self.metacopy = False
         self.data: tuple[int, Place] | None = None
-        # A file of several names, one copied up: its name in the workdir's index of them.
-        # A lower name of it reads the indexed (upper) inode until it is copied up itself.
+        # The directory a bare-name `data` place is in: the metacopy's own name may move.
+        self.data_parent: Directory | None = None
+        # A file of several lower names, copied up: its name in the workdir's index. Lower
+        # names of it that are not up yet reach the upper copy there.
         self.index_name: str | None = None
 
     @property
     def is_directory(self) -> bool:
         return False
 
-    def location(self, fds: "DirectoryFds") -> tuple[int, str]:
-        """(directory fd, name) of the topmost copy, for *at() calls."""
-        assert self.parent is not None, "the root has no parent location"
-        if self.index_name is not None and self.layer != 0:
+    def name_in(self, parent: "Directory", name: str) -> Name:
+        """This entry's Name record for *name* in *parent*."""
+        for known in self.names:
+            if known.parent is parent and known.name == name:
+                return known
+        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+
+    def location(self, fds: "DirectoryFds") -> tuple[int, str | None]:
+        """Where the topmost copy is, for *at() calls: (directory fd, name), or (fd of the
+        file itself, None) when no name reaches it (`_at.open_location` and friends)."""
+        if self.pinned_fd is not None:
+            return self.pinned_fd, None
+        for known in self.names:
+            # Every name of a lower file is the same lower inode; of an upper file, only the
+            # names already in the upper are.
+            if self.layer != UPPER or known.layer == UPPER:
+                return fds.fd(known.parent, known.layer), known.name
+        if self.index_name is not None:
             assert fds.stack.work is not None
             return fds.stack.work.index_fd, self.index_name
-        return fds.fd(self.parent, self.layer), self.name
+        raise OSError(errno.ESTALE, "no name reaches this file", self.describe())
+
+    def describe(self) -> str:
+        """A name for messages."""
+        return self.names[0].name if self.names else "(removed)"
+
+    def pin(self, fds: "DirectoryFds") -> None:
+        """Before the last name goes: hold the copy open while the entry lives."""
+        if self.pinned_fd is not None:
+            return
+        directory_fd, name = self.location(fds)
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory_fd) \
+            if name is not None else os.dup(directory_fd)
+        self._set_pinned(fd)
+
+    def _set_pinned(self, fd: int | None) -> None:
+        if self._unpin is not None:
+            self._unpin()
+        self.pinned_fd = fd
+        self._unpin = weakref.finalize(self, os.close, fd) if fd is not None else None
+
+    def unpin(self) -> None:
+        """A name reaches the copy again (or the copy moved): drop the pinned fd."""
+        self._set_pinned(None)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.names!r}, layer {self.layer})"
 
 
 # A directory copy's place in its layer: a name in the parent's copy, or a path from the root.
@@ -71,14 +139,19 @@ Place = str | tuple[str, ...]
 
 
 class Directory(Entry):
-    """A merged directory: the directories of `layers` (top first) show through it."""
+    """A merged directory: the directories of `layers` (top first) show through it.
 
-    __slots__ = ("fds", "layers", "places", "xwhiteout_layers")
+    A directory has one name (none when it is the root or removed), so its `parent` and `name`
+    are its name's; its fds are reopened through that name, which cowfs keeps up to date.
+    """
 
-    def __init__(self, parent: "Directory | None", name: str, layers: tuple[int, ...],
-                 st: os.stat_result, xwhiteout_layers: frozenset[int],
+    __slots__ = ("fds", "is_root", "layers", "places", "xwhiteout_layers")
+
+    def __init__(self, name: Name | None, layers: tuple[int, ...], st: os.stat_result,
+                 xwhiteout_layers: frozenset[int],
                  places: "dict[int, Place] | None" = None) -> None:
-        super().__init__(parent, name, layers[0], st)
+        super().__init__(name, layers[0], st)
+        self.is_root = name is None
         self.layers = layers
         self.xwhiteout_layers = xwhiteout_layers
         self.fds: dict[int, int] | None = None   # layer -> O_PATH fd, while cached
@@ -93,6 +166,25 @@ class Directory(Entry):
     def is_merged(self) -> bool:
         return len(self.layers) > 1
 
+    @property
+    def own_name(self) -> Name:
+        if not self.names:
+            raise OSError(errno.ENOENT, "the directory was removed")
+        return self.names[0]
+
+    @property
+    def parent(self) -> "Directory":
+        return self.own_name.parent
+
+    @property
+    def name(self) -> str:
+        return self.own_name.name
+
+    def location(self, fds: "DirectoryFds") -> tuple[int, str | None]:
+        if self.pinned_fd is not None:
+            return self.pinned_fd, None
+        return fds.fd(self, self.layer), None
+
 
 class DirectoryFds:
     """Open O_PATH fds of directories, least recently used closed first beyond a budget."""
@@ -105,7 +197,7 @@ class DirectoryFds:
 
     def fd(self, directory: Directory, layer: int) -> int:
         """The fd of *directory*'s copy in *layer*, reopened from its parent when closed."""
-        if directory.parent is None:
+        if directory.is_root:
             return self.stack.layers[layer].fd
         fds = directory.fds
         if fds is None:
@@ -127,7 +219,7 @@ class DirectoryFds:
     def add_layer_on_top(self, directory: Directory, layer: int, fd: int) -> None:
         """*directory* gained a copy in *layer* (copy-up), open as *fd*, which this takes."""
         directory.layers = (layer, *directory.layers)
-        directory.layer = layer
+        directory.layer = directory.own_name.layer = layer
         if directory.fds is None:
             os.close(fd)             # reopened with the others when next needed
             return
@@ -153,7 +245,7 @@ class DirectoryFds:
         directory.fds = None
 
     def _reopen(self, directory: Directory) -> dict[int, int]:
-        assert directory.parent is not None
+        """Through the directory's name: a removed directory (no name) is not reopened."""
         opened: dict[int, int] = {}
         try:
             for layer in directory.layers:
@@ -191,8 +283,7 @@ def make_root(stack: LayerStack) -> Directory:
     """The merged root: every layer's root. As in the kernel, a layer root is never opaque."""
     xwhiteouts = frozenset(index for index, layer in enumerate(stack.layers)
                            if whiteout.directory_opacity(layer.fd) is Opacity.XWHITEOUTS)
-    return Directory(None, "", tuple(range(len(stack.layers))), os.fstat(stack.top.fd),
-                     xwhiteouts)
+    return Directory(None, tuple(range(len(stack.layers))), os.fstat(stack.top.fd), xwhiteouts)
 
 
 def _find(directory_fd: int, name: str, xwhiteouts: bool) -> os.stat_result | None:
@@ -306,13 +397,15 @@ def lookup(fds: DirectoryFds, parent: Directory, name: str, *,
                 continue
             if not stat.S_ISDIR(st.st_mode):
                 if top_stat is None:
-                    entry = Entry(parent, name, layer, st)
+                    found = Name(parent, name, layer)
+                    entry = Entry(found, layer, st)
                     if layer == upper:
-                        entry.has_lower = _shown_below(fds, parent, name, layer, listing)
+                        found.has_lower = _shown_below(fds, parent, name, layer, listing)
                         entry.origin_ino = whiteout.read_origin_ino(directory_fd, name)
                         if stat.S_ISREG(st.st_mode) and whiteout.is_metacopy(directory_fd, name):
                             entry.metacopy = True
                             entry.data = _find_data(fds, search, directory_fd, name, layer)
+                            entry.data_parent = parent
                     return entry
                 break                      # a non-directory below a directory ends the merge
             if top_stat is None:
@@ -338,10 +431,11 @@ def lookup(fds: DirectoryFds, parent: Directory, name: str, *,
         search.close()
     if top_stat is None:
         return None
-    directory = Directory(parent, name, tuple(merged), top_stat, frozenset(xwhiteouts), places)
+    own_name = Name(parent, name, next(iter(merged)))
+    directory = Directory(own_name, tuple(merged), top_stat, frozenset(xwhiteouts), places)
     fds.adopt(directory, merged)
     if directory.layer == upper:
-        directory.has_lower = _shown_below(fds, parent, name, upper, listing)
+        own_name.has_lower = _shown_below(fds, parent, name, upper, listing)
         directory.origin_ino = whiteout.read_origin_ino(merged[upper], None)
     return directory
 
@@ -368,11 +462,12 @@ def _find_data(fds: DirectoryFds, search: _Search, directory_fd: int, name: str,
 def open_data(fds: DirectoryFds, entry: Entry, flags: int) -> int:
     """An fd on a metacopy entry's data, in the lower layer that holds it."""
     if entry.data is None:
-        raise OSError(errno.EIO, "the data of this metadata-only copy is missing", entry.name)
+        raise OSError(errno.EIO, "the data of this metadata-only copy is missing",
+                      entry.describe())
     layer, place = entry.data
     if isinstance(place, str):
-        assert entry.parent is not None
-        return os.open(place, flags, dir_fd=fds.fd(entry.parent, layer))
+        assert entry.data_parent is not None
+        return os.open(place, flags, dir_fd=fds.fd(entry.data_parent, layer))
     directory_fd = open_path(fds.stack.layers[layer].fd, place[:-1])
     try:
         return os.open(place[-1], flags, dir_fd=directory_fd)
@@ -431,7 +526,5 @@ def read_merged_names(fds: DirectoryFds, directory: Directory) -> list[str]:
 
 def stat_entry(fds: DirectoryFds, entry: Entry) -> os.stat_result:
     """A fresh lstat of the entry's topmost copy (for an indexed lower name: the upper one)."""
-    if isinstance(entry, Directory):
-        return os.stat(fds.fd(entry, entry.layer))
     directory_fd, name = entry.location(fds)
-    return os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
+    return _at.stat_location(directory_fd, name)

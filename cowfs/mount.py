@@ -22,7 +22,7 @@ from cowfs.durability import BATCH, BATCH_DELAY_S, VOLATILE, Durability
 from cowfs.idmap import IDENTITY, IdMap
 from cowfs.inodes import InodeTable, Node, NodeId
 from cowfs.layers import read_mountinfo
-from cowfs.lookup import Directory, Entry, Listing
+from cowfs.lookup import Directory, Entry, Listing, Name
 from cowfs.union import Caller, Union
 
 log = logging.getLogger(__name__)
@@ -172,10 +172,7 @@ class Operations(pyfuse3.Operations):
         return self.attributes(node.id, node.entry, self.union.stat(entry))
 
     def _node_stat(self, node: Node) -> os.stat_result:
-        entry = node.entry
-        if entry.removed and node.pinned_fd is not None:
-            return os.stat(node.pinned_fd)
-        return self.union.stat(entry)
+        return self.union.stat(node.entry)
 
     def _directory_node(self, node_id: int) -> Node:
         node = self.nodes.get(node_id)
@@ -188,14 +185,18 @@ class Operations(pyfuse3.Operations):
         self._next_handle += 1
         return handle_id
 
-    async def _copy_up(self, entry: Entry, *, data: bool = True) -> None:
-        """Copy *entry* up unless done; one copy-up per entry at a time, big data in a thread."""
+    async def _copy_up(self, entry: Entry, *, data: bool = True, name: Name | None = None
+                       ) -> None:
+        """Copy *entry* (and its *name*) up unless done; one copy-up per entry at a time, big
+        data in a thread."""
         await self._settle(entry)
-        if not self.union.writable or not self.union.needs_copy_up(entry, data=data):
+        if not self.union.writable or \
+                not self.union.needs_copy_up(entry, data=data, name=name):
             return
         done = self._copying[entry] = trio.Event()
         try:
-            with contextlib.closing(self.union.copy_up_steps(entry, data=data)) as steps:
+            with contextlib.closing(self.union.copy_up_steps(entry, data=data, name=name)
+                                    ) as steps:
                 for job in steps:
                     if job.size >= THREADED_COPY_BYTES:
                         await trio.to_thread.run_sync(job.run)
@@ -212,15 +213,9 @@ class Operations(pyfuse3.Operations):
                 await done.wait()
 
     async def _prepare_removal(self, parent: Entry, name: str) -> None:
-        """A name about to go: let its copy-up finish, and keep its node reachable, since the
-        kernel may still stat it (open files, hard links)."""
-        entry = self.union.lookup(parent, name)
-        if entry is None:
-            return
-        await self._settle(entry)
-        node = self.nodes.find(entry)
-        if node is not None:
-            node.pin(self.union)
+        """A name about to go: let its copy-up finish first (the union keeps the file itself
+        reachable for its node and open handles)."""
+        await self._settle(self.union.lookup(parent, name))
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -264,7 +259,7 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle_id), keep_cache=True)
 
     def _readable_fd(self, handle: FileHandle) -> int:
-        if handle.source != FileHandle.copy_of(handle.entry) and not handle.entry.removed:
+        if handle.source != FileHandle.copy_of(handle.entry):
             # Copied up since this reader opened it: read the copy everyone else writes.
             fd = self.union.open(handle.entry, handle.flags)
             os.close(handle.fd)
@@ -312,9 +307,10 @@ class Operations(pyfuse3.Operations):
                 self.nodes.remember(entry, node_id)
 
     def _parent_node(self, node: Node) -> Node:
-        parent = node.entry.parent
-        if parent is None:
+        directory = node.entry
+        if not isinstance(directory, Directory) or directory.is_root or directory.removed:
             return node
+        parent = directory.parent
         try:
             return self.nodes.get(self.nodes.id_for(parent))
         except OSError:
@@ -405,7 +401,8 @@ class Operations(pyfuse3.Operations):
     async def fsyncdir(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
         directory = self._directory_handles[fh].node.entry
         durability = self.union.durability
-        if durability is None or durability.mode == VOLATILE or directory.layer != 0:
+        if durability is None or durability.mode == VOLATILE or directory.layer != 0 \
+                or directory.removed:
             return
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
                      dir_fd=self.union.fds.fd(directory, 0))
@@ -489,7 +486,8 @@ class Operations(pyfuse3.Operations):
         new_parent = self._directory_node(parent_inode_new)
         source = self.union.lookup(old_parent.entry, os.fsdecode(name_old))
         if source is not None:
-            await self._copy_up(source)
+            await self._copy_up(source, name=source.name_in(old_parent.entry,
+                                                            os.fsdecode(name_old)))
         if flags & pyfuse3.RENAME_EXCHANGE:
             await self._settle(self.union.lookup(new_parent.entry, os.fsdecode(name_new)))
         else:

@@ -3,10 +3,11 @@
 Another runtime can open a stack and use the union through this class; mount.py is a thin FUSE
 face over it. Every method raises OSError with the errno a filesystem would return.
 
-Entries are canonical: while anyone holds the Entry of a name, looking the name up again gives
-the same object, and every change made here updates it (copy-up moves it to the upper, rename
-moves it to its new name). So the FUSE inode table, open handles and child entries never see a
-stale copy of the same name.
+An Entry is a file, not a name (the kernel's inodes, with its dentries as `Name`s on them), and
+entries are canonical: while anyone holds the Entry of a file, looking up any of its names gives
+that same object, and every change made here updates it (copy-up moves its copy to the upper,
+rename moves one of its names, unlink takes a name away). What arrives by entry (setattr, open,
+xattrs, link's source) acts on the file itself whatever happened to its names since.
 """
 
 import contextlib
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from cowfs import _at, _libc, durability, lookup, whiteout
 from cowfs.copyup import UPPER, CopyUp, CopyUpSteps, Staging
 from cowfs.layers import LayerStack
-from cowfs.lookup import Directory, DirectoryFds, Entry, Listing
+from cowfs.lookup import Directory, DirectoryFds, Entry, Listing, Name
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,11 @@ class Union:
         self.root = lookup.make_root(stack)
         self.numbers = InodeNumbers(stack)
         self.upper: int | None = UPPER if stack.upper is not None else None
+        # Names to the entries they show, and inode numbers to the file entries that have
+        # them: another name of a known file is that same entry. Weak: what nobody holds goes.
         self._entries: weakref.WeakValueDictionary[tuple[Directory, str], Entry] = \
             weakref.WeakValueDictionary()
+        self._files: weakref.WeakValueDictionary[int, Entry] = weakref.WeakValueDictionary()
         self._copy_up: CopyUp | None = None
         self.durability: durability.Durability | None = None
         self.index_fd = None
@@ -130,7 +134,7 @@ class Union:
         if self._copy_up is None or self.durability is None:
             return {"fsync": None}
         return {**dataclasses.asdict(self._copy_up.stats), "fsync": self.durability.mode,
-                "syncs": self.durability.syncs, "pending": self.durability.pending}
+                "syncs": self.durability.syncs, "pending": self.durability.unsynced}
 
     def __enter__(self) -> "Union":
         return self
@@ -151,20 +155,41 @@ class Union:
         *listing*, from `read_listing(parent)`, spares probes of lower layers without *name*.
         """
         directory = self._directory(parent)
+        if directory.removed:
+            return None                      # as the kernel: a removed directory holds nothing
         entry = self._entries.get((directory, name))
         if entry is not None:
             try:
                 entry.stat = self.stat(entry)
             except FileNotFoundError:        # changed behind cowfs's back: look again
-                del self._entries[(directory, name)]
+                self._unmap(entry, directory, name)
+                entry.names = [known for known in entry.names
+                               if known.parent is not directory or known.name != name]
             else:
                 return entry
-        entry = lookup.lookup(self.fds, directory, name, upper=self.upper, listing=listing)
-        if entry is not None:
-            self._check_indexed_copy(entry)
-            self._find_index(entry)
-            self._entries[(directory, name)] = entry
+        found = lookup.lookup(self.fds, directory, name, upper=self.upper, listing=listing)
+        if found is None:
+            return None
+        self._check_indexed_copy(found)
+        self._find_index(found)
+        entry = self._same_file(found)
+        self._entries[(directory, name)] = entry
         return entry
+
+    def _same_file(self, found: Entry) -> Entry:
+        """The entry of the file *found* (one name, just looked up) is: a file already known
+        by another name (a hard link) is that entry, which gains the name."""
+        if found.is_directory:
+            return found
+        number = self.inode_number(found)
+        known = self._files.get(number)
+        if known is None or known.is_directory:
+            self._files[number] = found
+            return found
+        known.names.extend(found.names)
+        known.removed = False
+        known.stat = found.stat
+        return known
 
     def _check_indexed_copy(self, entry: Entry) -> None:
         """An upper copy of a file with several lower names keeps their number only while
@@ -197,7 +222,8 @@ class Union:
             indexed = os.stat(index_name, dir_fd=self.index_fd, follow_symlinks=False)
         except FileNotFoundError:
             return
-        entry.index_name = index_name
+        # The file is up (its name here is not, yet): its copy is the indexed one.
+        entry.index_name, entry.layer = index_name, UPPER
         entry.stat, entry.origin_ino = indexed, number
 
     def link_count(self, entry: Entry, st: os.stat_result) -> int:
@@ -235,6 +261,8 @@ class Union:
     def list_names(self, directory: Entry) -> list[str]:
         """The visible names in *directory* (without . and ..), each resolved once."""
         directory = self._directory(directory)
+        if directory.removed:
+            return []
         listing = self.read_listing(directory)
         return [name for name in listing.names
                 if self.lookup(directory, name, listing) is not None]
@@ -242,7 +270,10 @@ class Union:
     def read_listing(self, directory: Entry) -> Listing:
         """Candidate names of *directory*, some perhaps hidden: resolve each before showing it
         (passing the listing to `lookup` makes that cheaper)."""
-        return lookup.read_listing(self.fds, self._directory(directory), upper=self.upper)
+        directory = self._directory(directory)
+        if directory.removed:
+            return Listing([], {})
+        return lookup.read_listing(self.fds, directory, upper=self.upper)
 
     def read_merged_names(self, directory: Entry) -> list[str]:
         return self.read_listing(directory).names
@@ -253,7 +284,7 @@ class Union:
 
     def inode_number(self, entry: Entry) -> int:
         """The st_ino the merged view shows: stable across copy-up and remount."""
-        if entry.parent is None:
+        if isinstance(entry, Directory) and entry.is_root:
             return ROOT_INO
         if entry.origin_ino is not None:
             return entry.origin_ino
@@ -262,7 +293,6 @@ class Union:
     # -- attributes and data ----------------------------------------------------------------
 
     def stat(self, entry: Entry) -> os.stat_result:
-        self._find_index(entry)
         return lookup.stat_entry(self.fds, entry)
 
     def open(self, entry: Entry, flags: int) -> int:
@@ -271,25 +301,23 @@ class Union:
         O_TRUNC copies no data: the data it would throw away is never copied.
         """
         if entry.is_directory:
-            raise _error(errno.EISDIR, entry.name)
-        self._find_index(entry)
+            raise _error(errno.EISDIR, entry.describe())
         truncating = bool(flags & os.O_TRUNC)
         if flags & _WRITE_ACCESS or truncating:
             self._copy_up_entry(entry, data=not truncating)
-        flags = (flags & ~_DROPPED_OPEN_FLAGS) | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags = (flags & ~_DROPPED_OPEN_FLAGS) | os.O_CLOEXEC
         if entry.metacopy and not truncating:
-            return lookup.open_data(self.fds, entry, flags)
+            return lookup.open_data(self.fds, entry, flags | os.O_NOFOLLOW)
         directory_fd, name = entry.location(self.fds)
-        fd = os.open(name, flags, dir_fd=directory_fd)
+        fd = _at.open_location(directory_fd, name, flags)
         if entry.metacopy:
             self._writer().drop_metacopy(entry)   # truncated: no lower data is wanted any more
         return fd
 
     def readlink(self, entry: Entry) -> str:
         if entry.is_directory:
-            raise _error(errno.EINVAL, entry.name)
-        directory_fd, name = entry.location(self.fds)
-        return os.readlink(name, dir_fd=directory_fd)
+            raise _error(errno.EINVAL, entry.describe())
+        return _at.readlink_location(*entry.location(self.fds))
 
     def get_xattr(self, entry: Entry, attribute: str) -> bytes:
         """A user-visible xattr: asking for `trusted.overlay.X` reads the user's own, escaped
@@ -339,7 +367,7 @@ class Union:
                      follow_symlinks=follow)
         if mode is not None:
             if stat.S_ISLNK(entry.stat.st_mode):
-                raise _error(errno.EOPNOTSUPP, entry.name)
+                raise _error(errno.EOPNOTSUPP, entry.describe())
             os.chmod(path, stat.S_IMODE(mode))
         if size is not None:
             self._truncate(entry, size, fd)
@@ -358,9 +386,9 @@ class Union:
             os.ftruncate(fd, size)
             return
         if entry.is_directory:
-            raise _error(errno.EISDIR, entry.name)
+            raise _error(errno.EISDIR, entry.describe())
         directory_fd, name = entry.location(self.fds)
-        target = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory_fd)
+        target = _at.open_location(directory_fd, name, os.O_WRONLY | os.O_CLOEXEC)
         try:
             os.ftruncate(target, size)
         finally:
@@ -404,23 +432,22 @@ class Union:
     def link(self, entry: Entry, new_parent: Entry, new_name: str) -> Entry:
         """Another name for a non-directory; a lower file is copied up once and linked."""
         if entry.is_directory:
-            raise _error(errno.EPERM, entry.name)
+            raise _error(errno.EPERM, entry.describe())
         directory = self._directory(new_parent)
         if self.lookup(directory, new_name) is not None:
             raise _error(errno.EEXIST, new_name)
+        if entry.removed:
+            raise _error(errno.ENOENT, new_name)   # as link(2) of a file with no names left
         self._copy_up_entry(entry)
         source_fd, source_name = entry.location(self.fds)
 
         def make(directory_fd: int, staged_name: str) -> None:
-            os.link(source_name, staged_name, src_dir_fd=source_fd, dst_dir_fd=directory_fd,
-                    follow_symlinks=False)
+            _at.link_location(source_fd, source_name, directory_fd, staged_name)
 
         self._place(directory, new_name, make, is_directory=False)
         self._count_link(entry, +1)
         entry.stat = self.stat(entry)
-        linked = self._relookup(directory, new_name)
-        linked.index_name = entry.index_name
-        return linked
+        return self._relookup(directory, new_name)   # the same entry, with one name more
 
     def unlink(self, parent: Entry, name: str) -> Entry:
         """Remove a non-directory name; a whiteout hides it if a lower layer has it."""
@@ -428,8 +455,9 @@ class Union:
         entry = self._existing(directory, name)
         if entry.is_directory:
             raise _error(errno.EISDIR, name)
-        self._copy_up_linked_lower(entry)
-        self._remove(directory, entry)
+        known = entry.name_in(directory, name)
+        self._copy_up_linked_lower(entry, known)
+        self._remove(directory, entry, known)
         self._count_link(entry, -1)
         return entry
 
@@ -441,7 +469,7 @@ class Union:
             raise _error(errno.ENOTDIR, name)
         if self.list_names(entry):
             raise _error(errno.ENOTEMPTY, name)
-        self._remove(directory, entry)
+        self._remove(directory, entry, entry.own_name)
         self.fds.discard(entry)
         return entry
 
@@ -450,66 +478,76 @@ class Union:
         """rename(2) with RENAME_NOREPLACE and RENAME_EXCHANGE; returns a replaced entry."""
         directory, new_directory = self._directory(parent), self._directory(new_parent)
         source = self._existing(directory, name)
+        source_name = source.name_in(directory, name)
         _at.check_name(new_name)
         target = self.lookup(new_directory, new_name)
+        target_name = target.name_in(new_directory, new_name) if target is not None else None
         if flags & _libc.RENAME_EXCHANGE:
-            if target is None:
+            if target is None or target_name is None:
                 raise _error(errno.ENOENT, new_name)
-            self._exchange(source, target)
+            if target is not source:
+                self._exchange(source, source_name, target, target_name)
             return None
         if target is not None and flags & _libc.RENAME_NOREPLACE:
             raise _error(errno.EEXIST, new_name)
-        if target is source or (target is not None and not source.is_directory
-                                and self.inode_number(target) == self.inode_number(source)):
+        if target is source:
             return None                   # two names of one file: nothing to do (POSIX)
         self._check_rename(source, target)
-        if target is not None and not target.is_directory:
-            self._copy_up_linked_lower(target)
+        if target is not None and target_name is not None and not target.is_directory:
+            self._copy_up_linked_lower(target, target_name)
         writer = self._writer()
-        self._copy_up_entry(source)
+        self._copy_up_entry(source, name=source_name)
         source_parent_fd = writer.upper_directory(directory)
         target_parent_fd = writer.upper_directory(new_directory)
-        covers_lower = target.has_lower if target is not None else \
+        covers_lower = target_name.has_lower if target_name is not None else \
             self._upper_holds_whiteout(target_parent_fd, new_name)
         if isinstance(source, Directory):
             self._prepare_directory_move(source, covers_lower)
+        if target is not None and len(target.names) == 1:
+            target.pin(self.fds)
         if (isinstance(target, Directory) and target.layer == UPPER) or \
                 (isinstance(source, Directory) and target is None and covers_lower):
-            self._rename_over_directory(source, source_parent_fd, target_parent_fd, new_name)
+            self._rename_over_directory(source_name, source_parent_fd, target_parent_fd,
+                                        new_name)
         else:
             _libc.renameat2(source_parent_fd, name, target_parent_fd, new_name,
-                            _libc.RENAME_WHITEOUT if source.has_lower else 0)
-        if target is not None:
-            self._forget(new_directory, target)
+                            _libc.RENAME_WHITEOUT if source_name.has_lower else 0)
+        if target is not None and target_name is not None:
+            self._drop_name(target, target_name)
             self._count_link(target, -1)
-        self._move(source, new_directory, new_name, has_lower=covers_lower)
+            if isinstance(target, Directory):
+                self.fds.discard(target)
+        self._move(source, source_name, new_directory, new_name, has_lower=covers_lower)
         log.debug("rename(%r, %r)", name, new_name)
         return target
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _copy_up_linked_lower(self, entry: Entry) -> None:
-        """Before a lower file with several names loses one: its other names must see one name
-        fewer, and the index, which only an upper copy has, keeps that count."""
+    def _copy_up_linked_lower(self, entry: Entry, name: Name) -> None:
+        """Before a lower file with several names loses *name*: its other names must see one
+        name fewer, and the index, which only an upper copy has, keeps that count."""
         if entry.layer != UPPER and entry.stat.st_nlink > 1 and self.index_fd is not None:
-            self._copy_up_entry(entry)
+            self._copy_up_entry(entry, name=name)
 
-    def _copy_up_entry(self, entry: Entry, *, data: bool = True) -> None:
-        with contextlib.closing(self.copy_up_steps(entry, data=data)) as steps:
+    def _copy_up_entry(self, entry: Entry, *, data: bool = True, name: Name | None = None
+                       ) -> None:
+        with contextlib.closing(self.copy_up_steps(entry, data=data, name=name)) as steps:
             for job in steps:
                 job.run()
 
-    def needs_copy_up(self, entry: Entry, *, data: bool = True) -> bool:
-        return self._writer().needs_copy_up(entry, data=data)
+    def needs_copy_up(self, entry: Entry, *, data: bool = True, name: Name | None = None
+                      ) -> bool:
+        return self._writer().needs_copy_up(entry, data=data, name=name)
 
-    def copy_up_steps(self, entry: Entry, *, data: bool = True) -> CopyUpSteps:
-        """Copy *entry* up, yielding each data copy for the caller to run (in a thread, say).
+    def copy_up_steps(self, entry: Entry, *, data: bool = True, name: Name | None = None
+                      ) -> CopyUpSteps:
+        """Copy *entry* up (and its *name*, if given, with it), yielding each data copy for the
+        caller to run (in a thread, say).
 
         Meanwhile the caller must not let anything else change *entry* (other entries may
         change). A failure thrown in, or closing the steps early, removes the half-made copy.
         """
-        self._find_index(entry)      # another name of it may have been copied up meanwhile
-        return self._writer().copy_up_steps(entry, data=data)
+        return self._writer().copy_up_steps(entry, data=data, name=name)
 
     def _durability(self) -> durability.Durability:
         assert self.durability is not None, "only a writable union changes the upper"
@@ -522,7 +560,7 @@ class Union:
 
     def _directory(self, entry: Entry) -> Directory:
         if not isinstance(entry, Directory):
-            raise _error(errno.ENOTDIR, entry.name)
+            raise _error(errno.ENOTDIR, entry.describe())
         return entry
 
     def _existing(self, directory: Directory, name: str) -> Entry:
@@ -532,8 +570,6 @@ class Union:
         return entry
 
     def _xattr_target(self, entry: Entry) -> tuple[int, str | None]:
-        if isinstance(entry, Directory):
-            return self.fds.fd(entry, entry.layer), None
         return entry.location(self.fds)
 
     def _relookup(self, directory: Directory, name: str) -> Entry:
@@ -542,16 +578,22 @@ class Union:
         assert entry is not None, f"{name!r} vanished right after it was made"
         return entry
 
-    def _forget(self, directory: Directory, entry: Entry) -> None:
-        if self._entries.get((directory, entry.name)) is entry:
-            del self._entries[(directory, entry.name)]
-        entry.removed = True
+    def _unmap(self, entry: Entry, directory: Directory, name: str) -> None:
+        if self._entries.get((directory, name)) is entry:
+            del self._entries[(directory, name)]
 
-    def _move(self, entry: Entry, directory: Directory, name: str, *, has_lower: bool) -> None:
-        assert entry.parent is not None
-        if self._entries.get((entry.parent, entry.name)) is entry:
-            del self._entries[(entry.parent, entry.name)]
-        entry.parent, entry.name, entry.has_lower = directory, name, has_lower
+    def _drop_name(self, entry: Entry, name: Name) -> None:
+        """*name* is gone from the merged view; the entry is removed with its last name (the
+        caller pinned it before: see `Entry.pin`)."""
+        self._unmap(entry, name.parent, name.name)
+        entry.names.remove(name)
+        if not entry.names:
+            entry.removed = True
+
+    def _move(self, entry: Entry, known: Name, directory: Directory, name: str, *,
+              has_lower: bool) -> None:
+        self._unmap(entry, known.parent, known.name)
+        known.parent, known.name, known.has_lower = directory, name, has_lower
         self._entries[(directory, name)] = entry
 
     def _upper_holds_whiteout(self, directory_fd: int, name: str) -> bool:
@@ -625,21 +667,25 @@ class Union:
         self._durability().changed(directory_fd)
         self.staging.remove(staged)        # the whiteout the directory replaced
 
-    def _remove(self, directory: Directory, entry: Entry) -> None:
-        """Take *entry*'s name out of the merged view, with a whiteout if a lower layer has it."""
+    def _remove(self, directory: Directory, entry: Entry, known: Name) -> None:
+        """Take the name *known* of *entry* out of the merged view, with a whiteout if a lower
+        layer has it. An entry losing its last name is pinned first: who holds it (an open
+        file, a FUSE node) still reaches the file."""
         directory_fd = self._writer().upper_directory(directory)
-        name = entry.name
-        if entry.layer != UPPER:
+        name = known.name
+        if len(entry.names) == 1:
+            entry.pin(self.fds)
+        if known.layer != UPPER:
             self._place_whiteout(directory_fd, name, replace=False)
-        elif entry.has_lower:
+        elif known.has_lower:
             self._place_whiteout(directory_fd, name, replace=True,
                                  exchange=entry.is_directory)
         elif entry.is_directory:
             self._remove_upper_directory(directory_fd, name)
         else:
             os.unlink(name, dir_fd=directory_fd)
-        self._forget(directory, entry)
-        log.debug("removed %r (whiteout: %s)", name, entry.has_lower)
+        self._drop_name(entry, known)
+        log.debug("removed %r (whiteout: %s)", name, known.has_lower)
 
     def _place_whiteout(self, directory_fd: int, name: str, *, replace: bool,
                         exchange: bool = False) -> None:
@@ -671,11 +717,11 @@ class Union:
     def _check_rename(self, source: Entry, target: Entry | None) -> None:
         if isinstance(source, Directory):
             if target is not None and not target.is_directory:
-                raise _error(errno.ENOTDIR, target.name)
+                raise _error(errno.ENOTDIR, target.describe())
             if target is not None and self.list_names(target):
-                raise _error(errno.ENOTEMPTY, target.name)
+                raise _error(errno.ENOTEMPTY, target.describe())
         elif target is not None and target.is_directory:
-            raise _error(errno.EISDIR, target.name)
+            raise _error(errno.EISDIR, target.describe())
 
     def _prepare_directory_move(self, directory: Directory, covers_lower: bool) -> None:
         """Before a directory moves: it must keep its own lower copies and no others.
@@ -690,7 +736,7 @@ class Union:
         elif covers_lower:
             self.marks.set_opaque(self.fds.fd(directory, UPPER), None)
 
-    def _rename_over_directory(self, source: Entry, source_parent_fd: int,
+    def _rename_over_directory(self, source: Name, source_parent_fd: int,
                                target_parent_fd: int, new_name: str) -> None:
         """Move a directory onto an upper directory or whiteout in one step, then clear the old.
 
@@ -708,26 +754,23 @@ class Union:
         _libc.renameat2(source_parent_fd, source.name, self.staging.fd, staged)
         self.staging.remove(staged)
 
-    def _exchange(self, source: Entry, target: Entry) -> None:
+    def _exchange(self, source: Entry, source_name: Name, target: Entry,
+                  target_name: Name) -> None:
         """RENAME_EXCHANGE: both names stay, each showing the other's entry."""
         writer = self._writer()
-        self._copy_up_entry(source)
-        self._copy_up_entry(target)
-        assert source.parent is not None and target.parent is not None
-        source_parent, target_parent = source.parent, target.parent
-        source_name, target_name = source.name, target.name
+        self._copy_up_entry(source, name=source_name)
+        self._copy_up_entry(target, name=target_name)
+        source_parent, target_parent = source_name.parent, target_name.parent
+        old_source, old_target = source_name.name, target_name.name
         source_fd = writer.upper_directory(source_parent)
         target_fd = writer.upper_directory(target_parent)
-        for moving, destination in ((source, target), (target, source)):
+        for moving, destination in ((source, target_name), (target, source_name)):
             if isinstance(moving, Directory):
                 self._prepare_directory_move(moving, destination.has_lower)
-        _libc.renameat2(source_fd, source_name, target_fd, target_name, _libc.RENAME_EXCHANGE)
-        source_lower, target_lower = source.has_lower, target.has_lower
-        self._forget(source_parent, source)
-        self._forget(target_parent, target)
-        source.removed = target.removed = False
-        self._move(source, target_parent, target_name, has_lower=target_lower)
-        self._move(target, source_parent, source_name, has_lower=source_lower)
+        _libc.renameat2(source_fd, old_source, target_fd, old_target, _libc.RENAME_EXCHANGE)
+        source_lower, target_lower = source_name.has_lower, target_name.has_lower
+        self._move(source, source_name, target_parent, old_target, has_lower=target_lower)
+        self._move(target, target_name, source_parent, old_source, has_lower=source_lower)
 
 
 def _remove_quietly(directory_fd: int, name: str) -> None:

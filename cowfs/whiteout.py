@@ -171,16 +171,16 @@ class Marks:
     def set_redirect(self, dir_fd: int, name: str | None, path: str) -> None:
         self._set(dir_fd, name, REDIRECT, os.fsencode(path))
 
-    def set_metacopy(self, dir_fd: int, name: str) -> None:
+    def set_metacopy(self, dir_fd: int, name: str | None) -> None:
         self._set(dir_fd, name, METACOPY, b"")
 
-    def clear_metacopy(self, dir_fd: int, name: str) -> None:
+    def clear_metacopy(self, dir_fd: int, name: str | None) -> None:
         """Drop the metacopy mark, and the redirect that pointed at the data."""
         for key in (METACOPY, REDIRECT):
             for prefix in OVERLAY_XATTR_PREFIXES:
                 try:
                     os.removexattr(_at.fd_path(dir_fd, name), prefix + key,
-                                   follow_symlinks=False)
+                                   follow_symlinks=name is None)
                 except OSError as exc:
                     if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
                         raise
