@@ -6,7 +6,7 @@ The public API: open a layer stack and read the merged tree without FUSE (`Union
 
 from cowfs.handle import Mounted, MountError, mount_stack, mounted, open_mounted
 from cowfs.layers import LayerStack, LayoutError, open_stack, parse_lowerdirs
-from cowfs.lookup import Directory, Entry
+from cowfs.lookup import Directory, Entry, Name
 from cowfs.union import Union
 
 __version__ = "0.1.0"
@@ -32,6 +32,7 @@ __all__ = [
     "LayoutError",
     "MountError",
     "Mounted",
+    "Name",
     "Union",
     "__version__",
     "export_layer",
