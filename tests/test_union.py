@@ -109,6 +109,33 @@ def test_names_that_cannot_exist(layer_dirs) -> None:
         assert union.lookup(union.root, "x" * 255) is None
 
 
+def test_the_upper_is_not_read_in_the_oci_dialect(layer_dirs, tmp_path: Path) -> None:
+    """`.wh.` names the kernel let a user make in an upper are files there, as the kernel
+    shows them; in a lower layer they stay markers."""
+    top, bottom, upper = layer_dirs("top", "bottom", "upper")
+    for name in ("kept", "gone"):
+        (bottom / name).write_text(name)
+    (top / ".wh.gone").write_bytes(b"")                 # a lower layer's marker: gone is gone
+    (bottom / "dir").mkdir()
+    (bottom / "dir" / "inner").write_text("inner")
+    (upper / ".wh.kept").write_text("a user's file")
+    (upper / ".wh.gone").write_text("another")
+    (upper / "dir").mkdir()
+    (upper / "dir" / ".wh..wh..opq").write_bytes(b"")
+    (upper / ".wh.box").mkdir()
+    stack = open_stack([str(top), str(bottom)], str(upper), str(tmp_path / "work"))
+    with Union(stack) as union:
+        assert names(union) == [".wh.box", ".wh.gone", ".wh.kept", "dir", "kept"]
+        assert names(union, "dir") == [".wh..wh..opq", "inner"]
+        file = union.resolve(".wh.gone")
+        assert file is not None and not file.has_lower, "no lower layer shows a marker name"
+        box = union.resolve(".wh.box")
+        assert isinstance(box, Directory) and box.layers == (0,)
+        union.unlink(union.root, ".wh.gone")
+        assert names(union) == [".wh.box", ".wh.kept", "dir", "kept"]
+    assert not os.path.lexists(upper / ".wh.gone"), "removed without a whiteout"
+
+
 def test_writes_are_refused_on_a_read_only_stack(layer_dirs) -> None:
     (lower,) = layer_dirs("lower")
     (lower / "file").write_text("data")

@@ -378,6 +378,31 @@ def test_mknod_symlink_and_xattrs(stack: Stack) -> None:
     assert os.getxattr(stack.upper / "dir", "user.new") == b"1"
 
 
+def test_marker_names_in_the_upper_are_files_as_the_kernel_shows_them(stack: Stack) -> None:
+    """An upper is never read in the OCI dialect: a `.wh.` name a kernel mount let a user make
+    there hides nothing and is listed, as the kernel's overlayfs shows the same upper."""
+    (stack.upper / ".wh.file").write_text("a user's file\n")
+    (stack.upper / "dir").mkdir()
+    (stack.upper / "dir" / ".wh..wh..opq").write_bytes(b"")
+    (stack.upper / "dir" / ".wh.inner").write_bytes(b"")
+    (stack.upper / ".wh.box").mkdir()
+    (stack.upper / ".wh.box" / "content").write_text("inside\n")
+    with stack.mount():
+        seen = tree(stack.merged)
+    assert {".wh.file", "file", "dir/.wh..wh..opq", "dir/.wh.inner", "dir/inner",
+            "dir/upper-inner", ".wh.box", ".wh.box/content"} <= set(seen)
+    with kernel_overlay(stack.lowers, stack.upper, stack.merged):
+        assert tree(stack.merged) == seen
+    with stack.mount():
+        assert tree(stack.merged) == seen
+        os.rename(stack.merged / ".wh.file", stack.merged / "renamed-away")
+        os.unlink(stack.merged / "dir" / ".wh.inner")
+        assert (stack.merged / "renamed-away").read_text() == "a user's file\n"
+        assert (stack.merged / "dir" / "inner").read_text() == "inner"
+    assert sorted(os.listdir(stack.upper / "dir")) == [".wh..wh..opq"], "no whiteouts needed"
+    assert not os.path.lexists(stack.upper / ".wh.file")
+
+
 def change_everything(merged: Path) -> None:
     """A little of every change, for the interchange tests."""
     with open(merged / "file", "a") as file:
