@@ -8,7 +8,8 @@ Read side of the kernel overlayfs format (notes/kernel-format.md) and of the OCI
 
 The OCI names are read in lower layers only. The writable upper holds the kernel's dialect alone
 (cowfs and the kernel write nothing else there), so a `.wh.` name found in it is an ordinary file,
-as the kernel shows it.
+as the kernel shows it; and no name made through the mount may start with `.wh.`
+(`check_new_name`), so a user's file never turns into a marker in a later layer or an export.
 
 `overlay.` xattrs are read under both `trusted.` (the kernel's default) and `user.` (the kernel's
 `userxattr` mode, used by unprivileged mounts).
@@ -41,8 +42,20 @@ class Opacity(enum.Enum):
 
 
 def is_oci_name(name: str) -> bool:
-    """Names of the OCI dialect's markers: never shown from a lower layer."""
+    """Names of the OCI dialect's markers: never shown from a lower layer, never made anew."""
     return name.startswith(OCI_WHITEOUT_PREFIX)
+
+
+def check_new_name(name: str) -> None:
+    """Refuse a new name that a lower layer or a layer tar would read as a marker.
+
+    Stored as a file, `.wh.passwd` would hide `passwd` once the upper is committed, exported or
+    stacked as a lower, and `.wh..wh..opq` would empty its directory: anyone allowed to create a
+    name could delete what they may not. The kernel allows such names; cowfs refuses them (EINVAL)
+    before anything is created or copied up.
+    """
+    if is_oci_name(name):
+        raise OSError(errno.EINVAL, f"{OCI_WHITEOUT_PREFIX} names are whiteout markers", name)
 
 
 def oci_whiteout_name(name: str) -> str:
