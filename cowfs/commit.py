@@ -4,7 +4,9 @@ The upper is already in the kernel overlay format, which cowfs and the kernel bo
 lower layer: whiteouts, opaque directories and redirects keep their meaning when the new layer
 is stacked on the same lowers. Two things do not travel: metadata-only copies (their data is in
 the lowers, and a lower layer's metacopy is not followed) get their data from the merged view,
-and cowfs's private bookkeeping xattrs are dropped.
+and cowfs's private bookkeeping xattrs are dropped. An upper holding a `.wh.` name (which cowfs
+never makes, but the kernel's overlay lets a user make) is refused: stacked as a lower, the new
+layer would read it as an OCI whiteout or opaque marker.
 """
 
 import logging
@@ -60,6 +62,9 @@ def _make_self_contained(layer: str, merged: str) -> None:
     for directory, subdirectories, files in os.walk(layer):
         for name in [*subdirectories, *files]:
             path = os.path.join(directory, name)
+            if whiteout.is_oci_name(name):
+                raise CommitError(f"cannot commit {os.path.relpath(path, layer)}: a lower "
+                                  f"layer reads this name as a whiteout")
             stored = set(os.listxattr(path, follow_symlinks=False))
             if stored & _METACOPY:
                 _fill_data(path, os.path.join(merged, os.path.relpath(path, layer)))

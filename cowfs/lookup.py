@@ -286,15 +286,17 @@ def make_root(stack: LayerStack) -> Directory:
     return Directory(None, tuple(range(len(stack.layers))), os.fstat(stack.top.fd), xwhiteouts)
 
 
-def _find(directory_fd: int, name: str, xwhiteouts: bool) -> os.stat_result | None:
+def _find(directory_fd: int, name: str, xwhiteouts: bool,
+          oci: bool = True) -> os.stat_result | None:
     """The lstat of *name* in one layer's directory; None when absent.
 
-    Raises _Hidden when the layer hides the name from the layers below it.
+    Raises _Hidden when the layer hides the name from the layers below it. *oci* False (the
+    upper layer) does not read `.wh.NAME` as a whiteout.
     """
     try:
         st = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
     except FileNotFoundError:
-        if whiteout.is_oci_whiteout_present(directory_fd, name):
+        if oci and whiteout.is_oci_whiteout_present(directory_fd, name):
             raise _Hidden from None
         return None
     if whiteout.is_whiteout(directory_fd, name, st, xwhiteouts=xwhiteouts):
@@ -370,11 +372,11 @@ def lookup(fds: DirectoryFds, parent: Directory, name: str, *,
     writable layer, if any: for a copy found there, the layers below are probed too, to know
     whether deleting it needs a whiteout.
     *listing*, a scan of *parent*, lets the search skip lower layers that lack the name.
+    The upper is not read in the OCI dialect: a `.wh.` name there is an ordinary entry (below
+    it, only a marker), and hides nothing, as in the kernel.
     Raises OSError for a name that cannot exist (ENAMETOOLONG, EINVAL) or a layer that fails.
     """
     _at.check_name(name)
-    if whiteout.is_oci_name(name):
-        return None
     search = _Search(fds, parent, name)
     top_stat: os.stat_result | None = None
     merged: dict[int, int] = {}             # layer -> fd of the directory copies found so far
@@ -382,6 +384,8 @@ def lookup(fds: DirectoryFds, parent: Directory, name: str, *,
     xwhiteouts: set[int] = set()
     try:
         for layer in range(parent.layers[0], len(fds.stack.layers)):
+            if layer != upper and whiteout.is_oci_name(name):
+                break                      # a marker in a lower layer, never an entry
             if listing is not None and search.place == name \
                     and not listing.may_hold(layer, name):
                 continue
@@ -390,7 +394,7 @@ def lookup(fds: DirectoryFds, parent: Directory, name: str, *,
                 continue
             directory_fd, search_name, layer_xwhiteouts = where
             try:
-                st = _find(directory_fd, search_name, layer_xwhiteouts)
+                st = _find(directory_fd, search_name, layer_xwhiteouts, oci=layer != upper)
             except _Hidden:
                 break
             if st is None:
@@ -413,12 +417,12 @@ def lookup(fds: DirectoryFds, parent: Directory, name: str, *,
             merged[layer] = fd = os.open(search_name, _at.DIR_PATH_FLAGS, dir_fd=directory_fd)
             if search.place != name:
                 places[layer] = search.place
-            opacity = whiteout.directory_opacity(fd)
+            opacity = whiteout.directory_opacity(fd, oci=layer != upper)
             if opacity is Opacity.XWHITEOUTS:
                 xwhiteouts.add(layer)
             elif opacity is Opacity.OPAQUE:
                 break
-            if whiteout.is_oci_whiteout_present(directory_fd, search_name):
+            if layer != upper and whiteout.is_oci_whiteout_present(directory_fd, search_name):
                 break      # OCI: `.wh.NAME` beside NAME hides only the layers below
             redirect = parse_redirect(whiteout.read_overlay_xattr(fd, None, whiteout.REDIRECT))
             if redirect is not None:
@@ -478,6 +482,8 @@ def open_data(fds: DirectoryFds, entry: Entry, flags: int) -> int:
 def _shown_below(fds: DirectoryFds, parent: Directory, name: str, layer: int,
                  listing: Listing | None = None) -> bool:
     """Whether a layer of *parent* below *layer* shows *name* (first hit decides)."""
+    if whiteout.is_oci_name(name):
+        return False                       # below the upper, only a marker
     for lower in parent.layers:
         if lower <= layer:
             continue
@@ -494,9 +500,9 @@ def _shown_below(fds: DirectoryFds, parent: Directory, name: str, layer: int,
 def read_listing(fds: DirectoryFds, directory: Directory, *, upper: int | None) -> Listing:
     """Candidate names of a merged directory: each layer's names once, top layer's order first.
 
-    Markers (`.wh.*`) are left out; names hidden by a whiteout are not, since `lookup` decides
-    visibility. Callers resolve each name before showing it, so listing and lookup cannot
-    disagree.
+    Markers (`.wh.*`, in layers other than *upper*) are left out; names hidden by a whiteout
+    are not, since `lookup` decides visibility. Callers resolve each name before showing it, so
+    listing and lookup cannot disagree.
     """
     names: dict[str, None] = {}
     lower_names: dict[int, frozenset[str]] = {}
@@ -507,7 +513,7 @@ def read_listing(fds: DirectoryFds, directory: Directory, *, upper: int | None) 
         try:
             with os.scandir(listing_fd) as entries:
                 for entry in entries:
-                    if whiteout.is_oci_name(entry.name):
+                    if layer != upper and whiteout.is_oci_name(entry.name):
                         here.add(entry.name[len(whiteout.OCI_WHITEOUT_PREFIX):])
                     else:
                         names[entry.name] = None
@@ -519,9 +525,10 @@ def read_listing(fds: DirectoryFds, directory: Directory, *, upper: int | None) 
     return Listing(list(names), lower_names)
 
 
-def read_merged_names(fds: DirectoryFds, directory: Directory) -> list[str]:
+def read_merged_names(fds: DirectoryFds, directory: Directory, *,
+                      upper: int | None = None) -> list[str]:
     """`read_listing`'s names alone."""
-    return read_listing(fds, directory, upper=None).names
+    return read_listing(fds, directory, upper=upper).names
 
 
 def stat_entry(fds: DirectoryFds, entry: Entry) -> os.stat_result:

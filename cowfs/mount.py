@@ -24,6 +24,7 @@ from cowfs.inodes import InodeTable, Node, NodeId
 from cowfs.layers import read_mountinfo
 from cowfs.lookup import Directory, Entry, Listing, Name
 from cowfs.union import Caller, Union
+from cowfs.whiteout import check_new_name
 
 log = logging.getLogger(__name__)
 
@@ -458,6 +459,7 @@ class Operations(pyfuse3.Operations):
     @replies_errno
     async def link(self, inode: pyfuse3.InodeT, new_parent_inode: pyfuse3.InodeT,
                    new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        check_new_name(os.fsdecode(new_name))       # before the copy-up below
         node = self.nodes.get(inode)
         parent = self._directory_node(new_parent_inode)
         await self._copy_up(node.entry)
@@ -482,6 +484,7 @@ class Operations(pyfuse3.Operations):
     async def rename(self, parent_inode_old: pyfuse3.InodeT, name_old: bytes,
                      parent_inode_new: pyfuse3.InodeT, name_new: bytes, flags: int,
                      ctx: pyfuse3.RequestContext) -> None:
+        check_new_name(os.fsdecode(name_new))       # before the copy-ups below
         old_parent = self._directory_node(parent_inode_old)
         new_parent = self._directory_node(parent_inode_new)
         source = self.union.lookup(old_parent.entry, os.fsdecode(name_old))

@@ -533,6 +533,7 @@ class _Exporter:
         """The directory's entries, sorted by the names they get in the tar."""
         entries = []
         for name in _sorted_names(directory_fd):
+            _check_exportable((*path, name))
             st = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
             shown = whiteout.oci_whiteout_name(name) if self.is_whiteout(directory_fd, name, st) \
                 else name
@@ -642,6 +643,17 @@ class _Exporter:
         self.summary.data_bytes += info.size
 
 
+def _check_exportable(path: Path) -> None:
+    """Refuse an upper's `.wh.` name (made outside cowfs, e.g. under the kernel's overlay).
+
+    A layer tar has no way to say "a file of this name": every reader takes it for a whiteout
+    or opaque marker, so exporting it would turn the user's file into a deletion.
+    """
+    if whiteout.is_oci_name(path[-1]):
+        raise LayerError(f"cannot export {_tar_name(path)}: a layer tar would read this "
+                         f"name as a whiteout; rename or remove it in the upper")
+
+
 def _sorted_names(directory_fd: int) -> list[str]:
     listing_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory_fd)
     try:
@@ -705,8 +717,9 @@ class _MergedTree:
         """Every entry the merged view shows below *path*, written in full."""
         directory = self.resolve(path)
         assert isinstance(directory, lookup.Directory)
-        names = sorted(lookup.read_merged_names(self.fds, directory), key=os.fsencode)
+        names = sorted(lookup.read_merged_names(self.fds, directory, upper=0), key=os.fsencode)
         for name in names:
+            _check_exportable((*path, name))
             entry = lookup.lookup(self.fds, directory, name, upper=0)
             if entry is None:
                 continue

@@ -397,6 +397,7 @@ class Union:
     def create(self, parent: Entry, name: str, mode: int, flags: int,
                caller: Caller = ROOT) -> tuple[Entry, int]:
         """A new regular file, open with *flags*; EEXIST if the name is taken."""
+        whiteout.check_new_name(name)
         opened: list[int] = []
 
         def make(directory_fd: int, staged_name: str) -> None:
@@ -414,23 +415,27 @@ class Union:
         return entry, opened[0]
 
     def mkdir(self, parent: Entry, name: str, mode: int, caller: Caller = ROOT) -> Entry:
+        whiteout.check_new_name(name)
         def make(directory_fd: int, staged_name: str) -> None:
             os.mkdir(staged_name, stat.S_IMODE(mode), dir_fd=directory_fd)
         return self._create_entry(parent, name, mode | stat.S_IFDIR, caller, make)
 
     def mknod(self, parent: Entry, name: str, mode: int, rdev: int = 0,
               caller: Caller = ROOT) -> Entry:
+        whiteout.check_new_name(name)
         def make(directory_fd: int, staged_name: str) -> None:
             os.mknod(staged_name, mode, rdev, dir_fd=directory_fd)
         return self._create_entry(parent, name, mode, caller, make)
 
     def symlink(self, parent: Entry, name: str, target: str, caller: Caller = ROOT) -> Entry:
+        whiteout.check_new_name(name)
         def make(directory_fd: int, staged_name: str) -> None:
             os.symlink(target, staged_name, dir_fd=directory_fd)
         return self._create_entry(parent, name, stat.S_IFLNK | 0o777, caller, make)
 
     def link(self, entry: Entry, new_parent: Entry, new_name: str) -> Entry:
         """Another name for a non-directory; a lower file is copied up once and linked."""
+        whiteout.check_new_name(new_name)
         if entry.is_directory:
             raise _error(errno.EPERM, entry.describe())
         directory = self._directory(new_parent)
@@ -476,6 +481,7 @@ class Union:
     def rename(self, parent: Entry, name: str, new_parent: Entry, new_name: str,
                flags: int = 0) -> Entry | None:
         """rename(2) with RENAME_NOREPLACE and RENAME_EXCHANGE; returns a replaced entry."""
+        whiteout.check_new_name(new_name)
         directory, new_directory = self._directory(parent), self._directory(new_parent)
         source = self._existing(directory, name)
         source_name = source.name_in(directory, name)

@@ -6,6 +6,11 @@ Read side of the kernel overlayfs format (notes/kernel-format.md) and of the OCI
   directory marked `overlay.opaque=x`; an OCI `.wh.NAME` file beside where NAME would be.
 - opaque directory: `overlay.opaque=y`, or an OCI `.wh..wh..opq` file inside it.
 
+The OCI names are read in lower layers only. The writable upper holds the kernel's dialect alone
+(cowfs and the kernel write nothing else there), so a `.wh.` name found in it is an ordinary file,
+as the kernel shows it; and no name made through the mount may start with `.wh.`
+(`check_new_name`), so a user's file never turns into a marker in a later layer or an export.
+
 `overlay.` xattrs are read under both `trusted.` (the kernel's default) and `user.` (the kernel's
 `userxattr` mode, used by unprivileged mounts).
 """
@@ -37,8 +42,20 @@ class Opacity(enum.Enum):
 
 
 def is_oci_name(name: str) -> bool:
-    """Names of the OCI dialect's markers, never shown in the merged view."""
+    """Names of the OCI dialect's markers: never shown from a lower layer, never made anew."""
     return name.startswith(OCI_WHITEOUT_PREFIX)
+
+
+def check_new_name(name: str) -> None:
+    """Refuse a new name that a lower layer or a layer tar would read as a marker.
+
+    Stored as a file, `.wh.passwd` would hide `passwd` once the upper is committed, exported or
+    stacked as a lower, and `.wh..wh..opq` would empty its directory: anyone allowed to create a
+    name could delete what they may not. The kernel allows such names; cowfs refuses them (EINVAL)
+    before anything is created or copied up.
+    """
+    if is_oci_name(name):
+        raise OSError(errno.EINVAL, f"{OCI_WHITEOUT_PREFIX} names are whiteout markers", name)
 
 
 def oci_whiteout_name(name: str) -> str:
@@ -79,12 +96,15 @@ def is_oci_whiteout_present(dir_fd: int, name: str) -> bool:
     return _at.exists(dir_fd, marker)
 
 
-def directory_opacity(fd: int) -> Opacity:
-    """Read the opaque markers of the directory open as *fd* (an O_PATH fd is enough)."""
+def directory_opacity(fd: int, *, oci: bool = True) -> Opacity:
+    """Read the opaque markers of the directory open as *fd* (an O_PATH fd is enough).
+
+    *oci* False (the upper layer) leaves `.wh..wh..opq` out: there it is an ordinary file.
+    """
     value = read_overlay_xattr(fd, None, OPAQUE)
     if value == b"y":
         return Opacity.OPAQUE
-    if _at.exists(fd, OCI_OPAQUE_MARKER):
+    if oci and _at.exists(fd, OCI_OPAQUE_MARKER):
         return Opacity.OPAQUE
     if value == b"x":
         return Opacity.XWHITEOUTS

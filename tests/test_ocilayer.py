@@ -296,6 +296,39 @@ def test_export_needs_lowers_for_redirects_and_metacopies(tmp_path: Path, marker
             assert archive.extractfile("file").read() == b"0123456789"
 
 
+@pytest.mark.parametrize("case", ["file", "opaque-marker", "whiteout", "directory",
+                                  "in-a-renamed-directory"])
+def test_export_refuses_a_marker_name_and_writes_nothing(tmp_path: Path, case: str) -> None:
+    """A `.wh.` name in an upper (a kernel mount lets a user make one) would be a deletion in
+    the tar: refused, naming the path, and no output is left."""
+    upper, lower = tmp_path / "upper", tmp_path / "lower"
+    (upper / "etc").mkdir(parents=True)
+    (upper / "etc" / "kept").write_text("kept\n")
+    (lower / "original").mkdir(parents=True)
+    shown = {"file": "etc/.wh.passwd", "opaque-marker": "etc/.wh..wh..opq",
+             "whiteout": "etc/.wh.gone", "directory": "etc/.wh.box",
+             "in-a-renamed-directory": "renamed/.wh.passwd"}[case]
+    if case == "whiteout":
+        os.mknod(upper / shown, stat.S_IFCHR | 0o000, 0)
+    elif case == "directory":
+        (upper / shown).mkdir()
+    else:
+        if case == "in-a-renamed-directory":
+            (upper / "renamed").mkdir()
+            os.setxattr(upper / "renamed", "trusted.overlay.redirect", b"original")
+        (upper / shown).write_text("a user's file\n")
+    output = tmp_path / "layer.tar"
+    with pytest.raises(LayerError, match=f"cannot export {shown}:"):
+        ocilayer.export_layer(str(upper), str(output), lowers=[str(lower)])
+    assert sorted(os.listdir(tmp_path)) == ["lower", "upper"]
+    result = subprocess.run(cowfs_command("layer", "export", str(upper), "-o", str(output),
+                                          "--lowers", str(lower)),
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and shown in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["lower", "upper"]
+
+
 def test_oci_modules_import_neither_pyfuse3_nor_trio() -> None:
     code = ("import sys, cowfs.ocilayer, cowfs.ociimage;"
             "assert not {'pyfuse3', 'trio'} & set(sys.modules), sys.modules.keys()")

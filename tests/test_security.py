@@ -111,3 +111,36 @@ def test_setuid_and_setgid_bits_are_cleared_on_write_and_chown(world_readable_di
         os.chown(merged / "chowned", 1000, 1000)
         assert stat.S_IMODE(os.lstat(merged / "chowned").st_mode) & 0o6000 == 0
         assert run_as_nobody("chmod", "777", f"{merged}/chowned").returncode != 0
+
+
+def test_an_unprivileged_user_cannot_hide_roots_file_behind_a_marker_name(
+        world_readable_dirs: Path) -> None:
+    """Issue 10: `touch M/tmp/.wh.rootfile` by uid 1000 hid root's file in a sticky directory,
+    which `rm` by that user cannot do. Such names are refused, also after a remount."""
+    lower, upper, merged = (world_readable_dirs / name for name in ("L", "U", "M"))
+    (lower / "tmp").mkdir(parents=True)
+    os.chmod(lower / "tmp", 0o1777)
+    (lower / "tmp" / "rootfile").write_text("data\n")
+    upper.mkdir()
+    merged.mkdir()
+    as_user = ["setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups"]
+
+    def run_as_user(*command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*as_user, *command], capture_output=True, text=True, check=False)
+
+    for _ in range(2):                                  # and again after a remount
+        with mounted_cowfs([lower], merged, upper=upper):
+            assert run_as_user("touch", f"{merged}/tmp/mine").returncode == 0
+            for command in (("touch", f"{merged}/tmp/.wh.rootfile"),
+                            ("mkdir", f"{merged}/tmp/.wh..wh..opq"),
+                            ("ln", "-s", "rootfile", f"{merged}/tmp/.wh.rootfile")):
+                result = run_as_user(*command)
+                assert result.returncode != 0 and "Invalid argument" in result.stderr, command
+            # mv reads rename's EINVAL as "a subdirectory of itself"; it fails all the same.
+            assert run_as_user("mv", f"{merged}/tmp/mine",
+                               f"{merged}/tmp/.wh.rootfile").returncode != 0
+            assert run_as_user("rm", "-f", f"{merged}/tmp/rootfile").returncode != 0
+            listed = run_as_user("ls", "-A", f"{merged}/tmp")
+            assert listed.stdout.split() == ["mine", "rootfile"]
+            assert (merged / "tmp" / "rootfile").read_text() == "data\n"
+    assert os.listdir(upper / "tmp") == ["mine"]

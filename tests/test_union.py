@@ -109,6 +109,61 @@ def test_names_that_cannot_exist(layer_dirs) -> None:
         assert union.lookup(union.root, "x" * 255) is None
 
 
+def test_marker_names_are_refused_before_anything_is_made(layer_dirs, tmp_path: Path) -> None:
+    """A `.wh.` name made through the union would be a marker once the upper is a lower layer
+    or a layer tar: each way of making one is refused, and the upper stays empty."""
+    lower, upper = layer_dirs("lower", "upper")
+    (lower / "etc").mkdir()
+    (lower / "etc" / "passwd").write_text("root:x:0:0\n")
+    (lower / "etc" / "a").write_text("a\n")
+    stack = open_stack([str(lower)], str(upper), str(tmp_path / "work"))
+    with Union(stack) as union:
+        etc, source = union.resolve("etc"), union.resolve("etc/a")
+        assert etc is not None and source is not None
+        attempts = {
+            "create": lambda name: union.create(etc, name, 0o644, os.O_WRONLY),
+            "mkdir": lambda name: union.mkdir(etc, name, 0o755),
+            "mknod": lambda name: union.mknod(etc, name, stat.S_IFIFO | 0o644),
+            "symlink": lambda name: union.symlink(etc, name, "passwd"),
+            "link": lambda name: union.link(source, etc, name),
+            "rename": lambda name: union.rename(etc, "a", etc, name),
+        }
+        for what, attempt in attempts.items():
+            for name in (".wh.passwd", ".wh..wh..opq", ".wh."):
+                with pytest.raises(OSError) as caught:
+                    attempt(name)
+                assert caught.value.errno == errno.EINVAL, (what, name)
+        assert names(union, "etc") == ["a", "passwd"]
+    assert os.listdir(upper) == []
+
+
+def test_the_upper_is_not_read_in_the_oci_dialect(layer_dirs, tmp_path: Path) -> None:
+    """`.wh.` names the kernel let a user make in an upper are files there, as the kernel
+    shows them; in a lower layer they stay markers."""
+    top, bottom, upper = layer_dirs("top", "bottom", "upper")
+    for name in ("kept", "gone"):
+        (bottom / name).write_text(name)
+    (top / ".wh.gone").write_bytes(b"")                 # a lower layer's marker: gone is gone
+    (bottom / "dir").mkdir()
+    (bottom / "dir" / "inner").write_text("inner")
+    (upper / ".wh.kept").write_text("a user's file")
+    (upper / ".wh.gone").write_text("another")
+    (upper / "dir").mkdir()
+    (upper / "dir" / ".wh..wh..opq").write_bytes(b"")
+    (upper / ".wh.box").mkdir()
+    stack = open_stack([str(top), str(bottom)], str(upper), str(tmp_path / "work"))
+    with Union(stack) as union:
+        assert names(union) == [".wh.box", ".wh.gone", ".wh.kept", "dir", "kept"]
+        assert names(union, "dir") == [".wh..wh..opq", "inner"]
+        file = union.resolve(".wh.gone")
+        assert file is not None and not file.has_lower, "no lower layer shows a marker name"
+        box = union.resolve(".wh.box")
+        assert isinstance(box, Directory) and box.layers == (0,)
+        union.unlink(union.root, ".wh.gone")
+        assert names(union) == [".wh.box", ".wh.kept", "dir", "kept"]
+    assert not os.path.lexists(upper / ".wh.gone"), "removed without a whiteout"
+
+
 def test_writes_are_refused_on_a_read_only_stack(layer_dirs) -> None:
     (lower,) = layer_dirs("lower")
     (lower / "file").write_text("data")

@@ -8,7 +8,7 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -376,6 +376,80 @@ def test_mknod_symlink_and_xattrs(stack: Stack) -> None:
         assert os.getxattr(stack.merged / "file", "trusted.overlay.mine") == b"escaped"
     assert os.getxattr(stack.upper / "file", "trusted.overlay.overlay.mine") == b"escaped"
     assert os.getxattr(stack.upper / "dir", "user.new") == b"1"
+
+
+def refused_errno(attempt: Callable[..., object], *arguments: object) -> int:
+    """The errno *attempt* fails with (it must fail)."""
+    with pytest.raises(OSError) as caught:
+        attempt(*arguments)
+    return caught.value.errno
+
+
+def test_marker_names_are_refused_and_nothing_changes(stack: Stack) -> None:
+    """`mv a .wh.passwd`, `mkdir etc/.wh..wh..opq` and the like: EINVAL, before any copy-up,
+    and the merged view and the upper stay as they were, also after a remount."""
+    (stack.bottom / "etc").mkdir()
+    (stack.bottom / "etc" / "passwd").write_text("root:x:0:0\n")
+    (stack.bottom / "etc" / "a").write_text("a\n")
+    (stack.upper / ".wh.left-by-the-kernel").write_text("a kernel mount let a user make it\n")
+    etc = stack.merged / "etc"
+    upper_before = tree(stack.upper)
+
+    def exchange(source: Path, target: Path) -> None:
+        _libc.renameat2(-100, str(source), -100, str(target), _libc.RENAME_EXCHANGE)
+
+    attempts: dict[str, Callable[[str], object]] = {
+        "create": lambda name: os.close(os.open(etc / name, os.O_CREAT | os.O_WRONLY, 0o644)),
+        "mkdir": lambda name: os.mkdir(etc / name),
+        "mknod": lambda name: os.mknod(etc / name, stat.S_IFIFO | 0o644),
+        "symlink": lambda name: os.symlink("passwd", etc / name),
+        "link": lambda name: os.link(etc / "a", etc / name),
+        "rename": lambda name: os.rename(etc / "a", etc / name),
+        "rename a directory": lambda name: os.rename(stack.merged / "dir", etc / name),
+    }
+    with stack.mount():
+        before = tree(stack.merged)
+        assert ".wh.left-by-the-kernel" in before
+        for what, attempt in attempts.items():
+            for name in (".wh.passwd", ".wh..wh..opq"):
+                assert refused_errno(attempt, name) == errno.EINVAL, (what, name)
+        assert refused_errno(exchange, etc / "a",
+                             stack.merged / ".wh.left-by-the-kernel") == errno.EINVAL
+        # The kernel itself refuses an exchange with a name that does not exist.
+        assert refused_errno(exchange, etc / "a", etc / ".wh.passwd") == errno.ENOENT
+        assert subprocess.run(["mv", str(etc / "a"), str(etc / ".wh.passwd")],
+                              capture_output=True, check=False).returncode != 0
+        assert tree(stack.merged) == before
+        assert tree(stack.upper) == upper_before, "refused before anything was copied up"
+        assert os.listdir(stack.workdir / "cowfs" / "staging") == []
+    with stack.mount():
+        assert tree(stack.merged) == before
+        assert (etc / "passwd").read_text() == "root:x:0:0\n"
+
+
+def test_marker_names_in_the_upper_are_files_as_the_kernel_shows_them(stack: Stack) -> None:
+    """An upper is never read in the OCI dialect: a `.wh.` name a kernel mount let a user make
+    there hides nothing and is listed, as the kernel's overlayfs shows the same upper."""
+    (stack.upper / ".wh.file").write_text("a user's file\n")
+    (stack.upper / "dir").mkdir()
+    (stack.upper / "dir" / ".wh..wh..opq").write_bytes(b"")
+    (stack.upper / "dir" / ".wh.inner").write_bytes(b"")
+    (stack.upper / ".wh.box").mkdir()
+    (stack.upper / ".wh.box" / "content").write_text("inside\n")
+    with stack.mount():
+        seen = tree(stack.merged)
+    assert {".wh.file", "file", "dir/.wh..wh..opq", "dir/.wh.inner", "dir/inner",
+            "dir/upper-inner", ".wh.box", ".wh.box/content"} <= set(seen)
+    with kernel_overlay(stack.lowers, stack.upper, stack.merged):
+        assert tree(stack.merged) == seen
+    with stack.mount():
+        assert tree(stack.merged) == seen
+        os.rename(stack.merged / ".wh.file", stack.merged / "renamed-away")
+        os.unlink(stack.merged / "dir" / ".wh.inner")
+        assert (stack.merged / "renamed-away").read_text() == "a user's file\n"
+        assert (stack.merged / "dir" / "inner").read_text() == "inner"
+    assert sorted(os.listdir(stack.upper / "dir")) == [".wh..wh..opq"], "no whiteouts needed"
+    assert not os.path.lexists(stack.upper / ".wh.file")
 
 
 def change_everything(merged: Path) -> None:
