@@ -279,8 +279,10 @@ class CopyUp:
         link to that copy in the upper, as the kernel's index=on does."""
         source_fd, source_name = entry.location(self.fds)
         parent_fd = self.upper_directory(name.parent)
+        parent_times = os.stat(parent_fd)
         _at.link_location(source_fd, source_name, parent_fd, name.name)
         self.durability.changed(parent_fd)
+        _keep_times(parent_fd, parent_times)   # as for a copy-up: the parent did not change
         name.layer, name.has_lower = UPPER, True
         self.stats.copy_ups += 1
 
@@ -352,8 +354,7 @@ class CopyUp:
         self.stats.directories += stat.S_ISDIR(st.st_mode)
         self.stats.seconds += time.perf_counter() - started
         log.debug("copied up %r (inode %d)", target.name, origin_ino)
-        # As the kernel: the parent's times do not change for a copy-up.
-        os.utime(_at.fd_path(parent_fd), ns=(parent_times.st_atime_ns, parent_times.st_mtime_ns))
+        _keep_times(parent_fd, parent_times)   # as the kernel: a copy-up changes no parent
         entry.origin_ino = origin_ino
 
     def _index(self, staged: str, origin_ino: int, link_count: int, entry: Entry) -> None:
@@ -421,3 +422,7 @@ def _lstat_or_none(dir_fd: int, name: str) -> os.stat_result | None:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
+
+
+def _keep_times(directory_fd: int, st: os.stat_result) -> None:
+    os.utime(_at.fd_path(directory_fd), ns=(st.st_atime_ns, st.st_mtime_ns))
