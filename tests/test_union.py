@@ -156,7 +156,7 @@ def test_the_upper_is_not_read_in_the_oci_dialect(layer_dirs, tmp_path: Path) ->
         assert names(union) == [".wh.box", ".wh.gone", ".wh.kept", "dir", "kept"]
         assert names(union, "dir") == [".wh..wh..opq", "inner"]
         file = union.resolve(".wh.gone")
-        assert file is not None and not file.has_lower, "no lower layer shows a marker name"
+        assert file is not None and not file.names[0].has_lower, "no lower layer shows a marker"
         box = union.resolve(".wh.box")
         assert isinstance(box, Directory) and box.layers == (0,)
         union.unlink(union.root, ".wh.gone")
