@@ -422,7 +422,12 @@ class Union:
 
     def mknod(self, parent: Entry, name: str, mode: int, rdev: int = 0,
               caller: Caller = ROOT) -> Entry:
+        """A device, fifo or socket; a character device 0/0 is refused with EPERM, as the
+        kernel's overlay does: in the upper it would be a whiteout, hiding the name it makes."""
         whiteout.check_new_name(name)
+        if stat.S_ISCHR(mode) and rdev == 0:
+            raise _error(errno.EPERM, name)
+
         def make(directory_fd: int, staged_name: str) -> None:
             os.mknod(staged_name, mode, rdev, dir_fd=directory_fd)
         return self._create_entry(parent, name, mode, caller, make)

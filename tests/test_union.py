@@ -176,6 +176,19 @@ def test_writes_are_refused_on_a_read_only_stack(layer_dirs) -> None:
             assert caught.value.errno == errno.EROFS
 
 
+def test_a_whiteout_device_cannot_be_made_through_the_library(layer_dirs) -> None:
+    lower, upper = layer_dirs("lower", "upper")
+    (lower / "dir").mkdir()
+    with Union(open_stack([str(lower)], str(upper))) as union:
+        directory = union.resolve("dir")
+        assert directory is not None
+        with pytest.raises(OSError) as caught:
+            union.mknod(directory, "c", stat.S_IFCHR | 0o644, os.makedev(0, 0))
+        assert caught.value.errno == errno.EPERM
+        assert names(union, "dir") == []
+    assert os.listdir(upper) == []
+
+
 def test_overlay_xattrs_are_private_and_user_xattrs_pass(layer_dirs) -> None:
     (lower,) = layer_dirs("lower")
     (lower / "file").write_text("")

@@ -452,6 +452,20 @@ def test_marker_names_in_the_upper_are_files_as_the_kernel_shows_them(stack: Sta
     assert not os.path.lexists(stack.upper / ".wh.file")
 
 
+def test_mknod_of_a_whiteout_device_is_refused_and_changes_nothing(stack: Stack) -> None:
+    """A char device 0/0 would be a whiteout in the upper: the kernel's overlay says EPERM."""
+    with stack.mount() as mount:
+        merged_before, upper_before = tree(stack.merged), tree(stack.upper)
+        for name in ("dir/c", "c"):       # in a merged lower directory, and at the root
+            with pytest.raises(OSError) as refused:
+                os.mknod(stack.merged / name, stat.S_IFCHR | 0o644, os.makedev(0, 0))
+            assert refused.value.errno == errno.EPERM
+        assert tree(stack.merged) == merged_before
+        assert tree(stack.upper) == upper_before == {}
+        mount.unmount()
+    assert "Traceback" not in mount.log() and "failed" not in mount.log()
+
+
 def change_everything(merged: Path) -> None:
     """A little of every change, for the interchange tests."""
     with open(merged / "file", "a") as file:
