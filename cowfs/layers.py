@@ -194,20 +194,29 @@ def _open_workdir(workdir: str, upper: Layer) -> Workdir:
         lock_fds.append(_lock(upper.path, "upper layer"))
         own = os.path.join(resolved, WORKDIR_SUBDIR)
         os.makedirs(own, mode=0o700, exist_ok=True)
-        staging = os.path.join(own, STAGING_DIR)
-        if os.path.lexists(staging):
-            log.info("sweeping what an earlier mount left in %s", staging)
-            shutil.rmtree(staging)
-        os.mkdir(staging, 0o700)
+        _sweep_staging(os.path.join(own, STAGING_DIR))
         os.makedirs(os.path.join(own, INDEX_DIR), mode=0o700, exist_ok=True)
         flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-        staging_fd = os.open(staging, flags)
+        staging_fd = os.open(os.path.join(own, STAGING_DIR), flags)
         index_fd = os.open(os.path.join(own, INDEX_DIR), flags)
     except BaseException:
         for fd in lock_fds:
             os.close(fd)
         raise
     return Workdir(path=resolved, staging_fd=staging_fd, index_fd=index_fd, lock_fds=lock_fds)
+
+
+def _sweep_staging(staging: str) -> None:
+    """What is in staging was half-made by a mount that ended without finishing it."""
+    try:
+        leftovers = os.listdir(staging)
+    except FileNotFoundError:
+        leftovers = []
+    if leftovers:
+        log.info("sweeping what an earlier mount left in %s (%d entries)", staging,
+                 len(leftovers))
+        shutil.rmtree(staging)
+    os.makedirs(staging, mode=0o700, exist_ok=True)
 
 
 def _open_layer(role: str, path: str, *, writable: bool) -> Layer:

@@ -1,5 +1,6 @@
 """Parsing the layer list and refusing layouts that cannot be mounted."""
 
+import logging
 import os
 from pathlib import Path
 
@@ -89,3 +90,17 @@ def test_mountpoint_checks(tmp_path: Path, layer_dirs) -> None:
         assert check_mountpoint(stack, str(merged), nonempty=True) == str(merged)
     finally:
         stack.close()
+
+
+def test_staging_is_swept_and_said_so_only_when_something_was_left(
+        layer_dirs, caplog: pytest.LogCaptureFixture) -> None:
+    lower, upper, work = layer_dirs("lower", "upper", "work")
+    staging = work / "cowfs" / "staging"
+    caplog.set_level(logging.INFO, logger="cowfs.layers")
+    for _ in range(2):                  # a first mount, and a clean one after it
+        open_stack([str(lower)], str(upper), str(work)).close()
+    assert "sweeping" not in caplog.text
+    (staging / "#half-made").write_text("from a crash")
+    open_stack([str(lower)], str(upper), str(work)).close()
+    assert f"sweeping what an earlier mount left in {staging}" in caplog.text
+    assert os.listdir(staging) == []
