@@ -186,7 +186,7 @@ def test_every_subcommand_is_told_apart_from_the_mount_program_form() -> None:
 
 
 # Refusals where an upper is given: each once caught only after the workdir was made. Paths
-# are under the test's directory.
+# are under the test's directory; `cowfs run` makes the --upper it is given.
 REFUSED_WITH_AN_UPPER = {
     "upper inside a lower": (["mount", "L", "L/up", "M"],
                              "upper layer {tmp}/L/up is inside lower layer {tmp}/L"),
@@ -204,6 +204,8 @@ REFUSED_WITH_AN_UPPER = {
         ["-o", "lowerdir=L,upperdir=U,workdir={tmp}/M", "M"], "mount point M is workdir"),
     "mount program: mount point inside the upper": (
         ["-o", "lowerdir=L,upperdir=U,workdir=W", "U/sub"], "mount point U/sub is inside upper"),
+    "run: upper inside a lower": (["run", "--upper", "L/new/up", "L", "--", "true"],
+                                  "upper layer {tmp}/L/new/up is inside lower layer {tmp}/L"),
 }
 
 
