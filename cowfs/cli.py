@@ -13,7 +13,6 @@ from cowfs import daemon, options
 from cowfs.layers import (
     LayerStack,
     LayoutError,
-    check_mountpoint,
     open_stack,
     parse_lowerdirs,
     read_mountinfo,
@@ -273,12 +272,9 @@ def mount_parsed(parsed: options.ParsedOptions, mountpoint: str, *, foreground: 
     configure_logging(debug=debug or parsed.debug)
     for item in parsed.ignored:
         log.debug("option %s ignored", item)
-    stack = open_stack(lowers, parsed.upperdir, parsed.workdir, userxattr=parsed.userxattr)
-    try:
-        mountpoint = check_mountpoint(stack, mountpoint, nonempty=parsed.nonempty)
-    except BaseException:
-        stack.close()
-        raise
+    stack = open_stack(lowers, parsed.upperdir, parsed.workdir, userxattr=parsed.userxattr,
+                       mountpoint=mountpoint, nonempty=parsed.nonempty)
+    mountpoint = os.path.realpath(mountpoint)
     if parsed.upperdir is None:
         parsed.mount.readonly = True
     return start_daemon(stack, mountpoint, parsed.mount, foreground=foreground,

@@ -24,8 +24,6 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from cowfs import daemon, durability
 from cowfs.idmap import IdMap
 from cowfs.layers import (
-    LayoutError,
-    check_mountpoint,
     format_lowerdirs,
     open_stack,
     read_mountinfo,
@@ -124,12 +122,8 @@ def mount_stack(lowers: Sequence[str], mountpoint: str, *, upper: str | None = N
         if result.returncode != 0:
             raise MountError(result.stderr.strip().removeprefix("cowfs: "), result.returncode)
         return Mounted(os.path.realpath(mountpoint))
-    stack = open_stack(list(lowers), upper, workdir)
-    try:
-        path = check_mountpoint(stack, mountpoint)
-    except LayoutError:
-        stack.close()
-        raise
+    stack = open_stack(list(lowers), upper, workdir, mountpoint=mountpoint)
+    path = os.path.realpath(mountpoint)
     options = daemon.MountOptions(readonly=upper is None, fsync=fsync,
                                   uids=IdMap(uidmapping), gids=IdMap(gidmapping))
     try:

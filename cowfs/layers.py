@@ -121,12 +121,15 @@ def default_workdir(upper: str) -> str:
     return os.path.join(parent, f".{name}.cowfs-work")
 
 
-def open_stack(lowers: list[str], upper: str | None = None,
-               workdir: str | None = None, *, userxattr: bool = False) -> LayerStack:
+def open_stack(lowers: list[str], upper: str | None = None, workdir: str | None = None, *,
+               userxattr: bool = False, mountpoint: str | None = None,
+               nonempty: bool = False) -> LayerStack:
     """Open and validate a stack; raises LayoutError naming the first problem found.
 
-    With an upper, the workdir (created when missing) is locked for this stack alone and its
-    staging area swept of what an earlier mount left half-made.
+    Everything is checked before anything is made, so a refused stack leaves the filesystem as
+    it was; with *mountpoint* that includes where the merged view goes (`check_mountpoint`,
+    also against the workdir). Only then, with an upper, is the workdir made when missing,
+    locked for this stack alone and its staging area swept of what an earlier mount left.
     """
     if not lowers:
         raise LayoutError("at least one lower layer is needed")
@@ -141,33 +144,66 @@ def open_stack(lowers: list[str], upper: str | None = None,
     try:
         for role, path in named:
             stack.layers.append(_open_layer(role, path, writable=role == "upper layer"))
-        paths = [(role, layer.path) for (role, _), layer in zip(named, stack.layers,
-                                                                 strict=True)]
+        places = _layer_places(stack)
+        planned = None
         if upper is not None:
             stack.upper = stack.layers[0]
-            workdir = workdir or default_workdir(upper)
-            _make_workdir(workdir, created_by_default=workdir == default_workdir(upper))
-            paths.append(("workdir", workdir))
-        _check_disjoint(paths)
-        if stack.upper is not None and workdir is not None:
-            stack.work = _open_workdir(workdir, stack.upper)
+            planned = _plan_workdir(workdir or default_workdir(upper))
+            places.append(planned)
+        _check_disjoint(places)
+        if stack.upper is not None and planned is not None:
+            _check_workdir(planned, stack.upper)
+        if mountpoint is not None:
+            _check_mountpoint(places, mountpoint, nonempty=nonempty)
+        if stack.upper is not None and planned is not None:    # all checked: now make it
+            stack.work = _open_workdir(planned.path, stack.upper)
     except BaseException:
         stack.close()
         raise
     return stack
 
 
-def _make_workdir(workdir: str, *, created_by_default: bool) -> None:
-    if os.path.isdir(workdir):
-        return
-    if not created_by_default and not os.path.isdir(os.path.dirname(os.path.abspath(workdir))):
+@dataclasses.dataclass(frozen=True)
+class _Place:
+    """A layer or the workdir as the layout checks see it."""
+
+    role: str
+    path: str
+    # (st_dev, st_ino) of the path, then of each parent up to /; None first for a workdir
+    # not made yet, which is judged by where it would be.
+    ancestry: tuple[tuple[int, int] | None, ...]
+
+
+def _layer_places(stack: LayerStack) -> list[_Place]:
+    return [_Place("upper layer" if layer.writable else "lower layer", layer.path,
+                   _ancestry(layer.path)) for layer in stack.layers]
+
+
+def _plan_workdir(workdir: str) -> _Place:
+    """The workdir, made or not: one that is missing needs a parent to be made in."""
+    if os.path.lexists(workdir) and not os.path.isdir(workdir):
+        raise LayoutError(f"workdir {workdir} is not a directory")
+    resolved = os.path.realpath(workdir)
+    if os.path.isdir(resolved):
+        return _Place("workdir", workdir, _ancestry(resolved))
+    parent = os.path.dirname(resolved)
+    if not os.path.isdir(parent):
         raise LayoutError(f"workdir {workdir} cannot be created: its parent does not exist")
-    try:
-        os.mkdir(workdir, 0o700)
-    except FileExistsError:
-        raise LayoutError(f"workdir {workdir} is not a directory") from None
-    except OSError as exc:
-        raise LayoutError(f"workdir {workdir} cannot be created: {exc.strerror}") from None
+    return _Place("workdir", workdir, (None, *_ancestry(parent)))
+
+
+def _check_workdir(workdir: _Place, upper: Layer) -> None:
+    """Renames from the workdir into the upper need one filesystem; a kernel's unclean
+    volatile session must not be taken for a clean one."""
+    st_dev, _ = next(identity for identity in workdir.ancestry if identity is not None)
+    if st_dev != upper.st_dev:
+        raise LayoutError(f"workdir {workdir.path} is not on the same filesystem as upper "
+                          f"layer {upper.path}")
+    marker = os.path.join(os.path.realpath(workdir.path), *KERNEL_VOLATILE_MARKER)
+    if os.path.lexists(marker):
+        raise LayoutError(f"workdir {workdir.path} holds an unclean volatile overlay session: "
+                          f"delete {os.path.join(workdir.path, *KERNEL_VOLATILE_MARKER)} to "
+                          f"discard it")
 
 
 def _lock(path: str, role: str) -> int:
@@ -181,33 +217,50 @@ def _lock(path: str, role: str) -> int:
 
 
 def _open_workdir(workdir: str, upper: Layer) -> Workdir:
-    """Lock the workdir and the upper, and give the staging area a clean start."""
+    """Lock the upper, make the workdir if missing, lock it, give staging a clean start.
+
+    The upper is locked first, so a mount refused for sharing it makes no workdir; a workdir
+    made here goes again if a later step fails.
+    """
     resolved = os.path.realpath(workdir)
-    if os.stat(resolved).st_dev != upper.st_dev:
-        raise LayoutError(f"workdir {workdir} is not on the same filesystem as upper layer "
-                          f"{upper.path}")
-    if os.path.lexists(os.path.join(resolved, *KERNEL_VOLATILE_MARKER)):
-        raise LayoutError(f"workdir {workdir} holds an unclean volatile overlay session: "
-                          f"delete {os.path.join(workdir, *KERNEL_VOLATILE_MARKER)} to discard it")
-    lock_fds = [_lock(resolved, "workdir")]
+    lock_fds = [_lock(upper.path, "upper layer")]
+    made = False
     try:
-        lock_fds.append(_lock(upper.path, "upper layer"))
+        if not os.path.isdir(resolved):
+            try:
+                os.mkdir(resolved, 0o700)
+            except OSError as exc:
+                raise LayoutError(f"workdir {workdir} cannot be created: {exc.strerror}") \
+                    from None
+            made = True
+        lock_fds.append(_lock(resolved, "workdir"))
         own = os.path.join(resolved, WORKDIR_SUBDIR)
         os.makedirs(own, mode=0o700, exist_ok=True)
-        staging = os.path.join(own, STAGING_DIR)
-        if os.path.lexists(staging):
-            log.info("sweeping what an earlier mount left in %s", staging)
-            shutil.rmtree(staging)
-        os.mkdir(staging, 0o700)
+        _sweep_staging(os.path.join(own, STAGING_DIR))
         os.makedirs(os.path.join(own, INDEX_DIR), mode=0o700, exist_ok=True)
         flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-        staging_fd = os.open(staging, flags)
+        staging_fd = os.open(os.path.join(own, STAGING_DIR), flags)
         index_fd = os.open(os.path.join(own, INDEX_DIR), flags)
     except BaseException:
         for fd in lock_fds:
             os.close(fd)
+        if made:
+            shutil.rmtree(resolved, ignore_errors=True)
         raise
     return Workdir(path=resolved, staging_fd=staging_fd, index_fd=index_fd, lock_fds=lock_fds)
+
+
+def _sweep_staging(staging: str) -> None:
+    """What is in staging was half-made by a mount that ended without finishing it."""
+    try:
+        leftovers = os.listdir(staging)
+    except FileNotFoundError:
+        leftovers = []
+    if leftovers:
+        log.info("sweeping what an earlier mount left in %s (%d entries)", staging,
+                 len(leftovers))
+        shutil.rmtree(staging)
+    os.makedirs(staging, mode=0o700, exist_ok=True)
 
 
 def _open_layer(role: str, path: str, *, writable: bool) -> Layer:
@@ -232,7 +285,7 @@ def _identity(path: str) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _ancestry(path: str) -> list[tuple[int, int]]:
+def _ancestry(path: str) -> tuple[tuple[int, int], ...]:
     """(st_dev, st_ino) of *path* and each of its parents up to /, nearest first."""
     chain = []
     current = os.path.realpath(path)
@@ -240,23 +293,23 @@ def _ancestry(path: str) -> list[tuple[int, int]]:
         chain.append(_identity(current))
         parent = os.path.dirname(current)
         if parent == current:
-            return chain
+            return tuple(chain)
         current = parent
 
 
-def _check_disjoint(named_paths: list[tuple[str, str]]) -> None:
+def _check_disjoint(places: list[_Place]) -> None:
     """No path may be another, or lie inside another: a layer would then see itself."""
-    ancestries = [_ancestry(path) for _, path in named_paths]
-    for index, (role, path) in enumerate(named_paths):
-        for other_index, (other_role, other_path) in enumerate(named_paths):
-            if other_index == index:
+    for index, place in enumerate(places):
+        for other_index, other in enumerate(places):
+            identity = other.ancestry[0]
+            if other_index == index or identity is None:   # nothing is inside what is not
                 continue
-            other = ancestries[other_index][0]
-            if ancestries[index][0] == other and other_index < index:
-                raise LayoutError(f"{role} {path} is given twice (also as {other_role} "
-                                  f"{other_path})")
-            if other in ancestries[index][1:]:
-                raise LayoutError(f"{role} {path} is inside {other_role} {other_path}")
+            if place.ancestry[0] == identity and other_index < index:
+                raise LayoutError(f"{place.role} {place.path} is given twice (also as "
+                                  f"{other.role} {other.path})")
+            if identity in place.ancestry[1:]:
+                raise LayoutError(f"{place.role} {place.path} is inside {other.role} "
+                                  f"{other.path}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,7 +349,17 @@ def _unescape_mountinfo(field: str) -> str:
 
 
 def check_mountpoint(stack: LayerStack, mountpoint: str, *, nonempty: bool = False) -> str:
-    """Validate where the merged view goes; returns its resolved path."""
+    """Validate where the merged view of an open stack goes; returns its resolved path.
+
+    A mount checks before its workdir is made: `open_stack(..., mountpoint=)`.
+    """
+    places = _layer_places(stack)
+    if stack.work is not None:
+        places.append(_Place("workdir", stack.work.path, _ancestry(stack.work.path)))
+    return _check_mountpoint(places, mountpoint, nonempty=nonempty)
+
+
+def _check_mountpoint(places: list[_Place], mountpoint: str, *, nonempty: bool) -> str:
     resolved = os.path.realpath(mountpoint)
     if not os.path.exists(resolved):
         raise LayoutError(f"mount point {mountpoint} does not exist")
@@ -305,15 +368,13 @@ def check_mountpoint(stack: LayerStack, mountpoint: str, *, nonempty: bool = Fal
     if any(mount.mountpoint == resolved for mount in read_mountinfo()):
         raise LayoutError(f"mount point {mountpoint} is busy: something is mounted there")
     mount_ancestry = _ancestry(resolved)
-    for layer in stack.layers:
-        role = "upper layer" if layer.writable else "lower layer"
-        identity = (layer.st_dev, layer.st_ino)
-        if identity == mount_ancestry[0]:
-            raise LayoutError(f"mount point {mountpoint} is {role} {layer.path}")
-        if identity in mount_ancestry[1:]:
-            raise LayoutError(f"mount point {mountpoint} is inside {role} {layer.path}")
-        if mount_ancestry[0] in _ancestry(layer.path)[1:]:
-            raise LayoutError(f"{role} {layer.path} is inside mount point {mountpoint}")
+    for place in places:
+        if place.ancestry[0] == mount_ancestry[0]:
+            raise LayoutError(f"mount point {mountpoint} is {place.role} {place.path}")
+        if place.ancestry[0] in mount_ancestry[1:]:
+            raise LayoutError(f"mount point {mountpoint} is inside {place.role} {place.path}")
+        if mount_ancestry[0] in place.ancestry[1:]:
+            raise LayoutError(f"{place.role} {place.path} is inside mount point {mountpoint}")
     if not nonempty and os.listdir(resolved):
         raise LayoutError(f"mount point {mountpoint} is not empty (-o nonempty mounts over it)")
     return resolved

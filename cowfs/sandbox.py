@@ -15,6 +15,7 @@ cgroups and wait for them to empty, remove them, unmount, remove the scratch dir
 `run` is a fresh set of namespaces over the same mount (see `_sandbox_helper`).
 """
 
+import contextlib
 import logging
 import os
 import shutil
@@ -81,14 +82,16 @@ class Sandbox:
         self.merged = os.path.join(self.scratch, "merged")
         os.mkdir(self.merged)
         self.upper = self.kept_upper or os.path.join(self.scratch, "upper")
-        os.makedirs(self.upper, exist_ok=True)
+        made = _make_directories(self.upper)
         workdir = None if self.kept_upper else os.path.join(self.scratch, "work")
         try:
             self.mount = handle.mount_stack(self.lowers, self.merged,
                                             upper=self.upper, workdir=workdir)
         except LayoutError as exc:
+            _remove_made(made)          # a refused mount leaves no upper it made
             raise SandboxError(str(exc)) from None
         except handle.MountError as exc:
+            _remove_made(made)
             raise SandboxError(str(exc), exc.exit_code) from None
         self.cgroups = _make_cgroups(os.path.basename(self.scratch)[len(RUN_PREFIX):],
                                      self.limits)
@@ -149,6 +152,24 @@ class Sandbox:
             if self.scratch and not any(mount.mountpoint.startswith(self.scratch + os.sep)
                                         for mount in read_mountinfo()):
                 shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _make_directories(path: str) -> list[str]:
+    """Make *path* and its missing parents; returns those made, deepest first."""
+    made = []
+    current = os.path.abspath(path)
+    while not os.path.lexists(current):
+        made.append(current)
+        current = os.path.dirname(current)
+    os.makedirs(path, exist_ok=True)
+    return made
+
+
+def _remove_made(directories: list[str]) -> None:
+    """Undo `_make_directories`; only empty directories go."""
+    for directory in directories:
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
 
 
 def _start_helper(config: SandboxConfig) -> int:

@@ -55,6 +55,15 @@ def is_mounted(path: str | os.PathLike[str], fstype: str | None = None) -> bool:
                for mount in read_mountinfo())
 
 
+def paths_under(root: str | os.PathLike[str]) -> set[str]:
+    """Every path below *root* (symlinks not followed): a refused mount must change none."""
+    found = set()
+    for directory, subdirectories, files in os.walk(root):
+        for name in subdirectories + files:
+            found.add(os.path.relpath(os.path.join(directory, name), root))
+    return found
+
+
 def wait_until(condition, timeout_s: float = MOUNT_TIMEOUT_S, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout_s
     delay = 0.002

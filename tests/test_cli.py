@@ -7,7 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cowfs_command, is_mounted, mounted_cowfs, unmount_quietly, wait_until
+from conftest import (
+    cowfs_command,
+    is_mounted,
+    mounted_cowfs,
+    paths_under,
+    unmount_quietly,
+    wait_until,
+)
 
 import cowfs
 from cowfs import cli
@@ -130,7 +137,9 @@ def test_bad_input_gets_one_line_and_status_2(case: str, tmp_path: Path, layer_d
     names = {"tmp": tmp_path, "a": a, "b": b, "merged": merged, "full": full}
     template, expected = BAD_INPUTS[case]
     arguments = [argument.format(**names) for argument in template]
+    before = paths_under(tmp_path)
     result = run_cowfs("mount", *arguments)
+    assert paths_under(tmp_path) == before
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("cowfs: ")
     assert expected.format(**names) in result.stderr
@@ -174,3 +183,62 @@ def test_every_subcommand_is_told_apart_from_the_mount_program_form() -> None:
     (subcommands,) = [action for action in parser._actions
                       if isinstance(action, argparse._SubParsersAction)]
     assert set(subcommands.choices) == set(cli.SUBCOMMANDS)
+
+
+# Refusals where an upper is given: each once caught only after the workdir was made. Paths
+# are under the test's directory; `cowfs run` makes the --upper it is given.
+REFUSED_WITH_AN_UPPER = {
+    "upper inside a lower": (["mount", "L", "L/up", "M"],
+                             "upper layer {tmp}/L/up is inside lower layer {tmp}/L"),
+    "workdir is the mount point": (["mount", "--workdir", "{tmp}/M", "L", "U", "M"],
+                                   "mount point M is workdir {tmp}/M"),
+    "workdir inside the mount point": (["mount", "--workdir", "M/w", "L", "U", "M"],
+                                       "workdir M/w is inside mount point M"),
+    "workdir on another filesystem": (["mount", "--workdir", "tmpfs/w", "L", "U", "M"],
+                                      "workdir tmpfs/w is not on the same filesystem as upper"),
+    "missing mount point": (["mount", "L", "U", "missing"], "mount point missing does not"),
+    "non-empty mount point": (["mount", "L", "U", "full"], "mount point full is not empty"),
+    "mount program: upper inside a lower": (
+        ["-o", "lowerdir=L,upperdir=L/up,workdir=W", "M"], "upper layer {tmp}/L/up is inside"),
+    "mount program: workdir is the mount point": (
+        ["-o", "lowerdir=L,upperdir=U,workdir={tmp}/M", "M"], "mount point M is workdir"),
+    "mount program: mount point inside the upper": (
+        ["-o", "lowerdir=L,upperdir=U,workdir=W", "U/sub"], "mount point U/sub is inside upper"),
+    "run: upper inside a lower": (["run", "--upper", "L/new/up", "L", "--", "true"],
+                                  "upper layer {tmp}/L/new/up is inside lower layer {tmp}/L"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_WITH_AN_UPPER))
+def test_a_refused_mount_leaves_nothing_behind(case: str, tmp_path: Path) -> None:
+    for name in ("L/up", "U/sub", "M", "full/something", "tmpfs"):
+        (tmp_path / name).mkdir(parents=True)
+    template, expected = REFUSED_WITH_AN_UPPER[case]
+    arguments = [argument.format(tmp=tmp_path) for argument in template]
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(tmp_path / "tmpfs")], check=True)
+    try:
+        before = paths_under(tmp_path)
+        result = run_cowfs(*arguments, cwd=tmp_path)
+        after = paths_under(tmp_path)
+    finally:
+        unmount_quietly(tmp_path / "tmpfs")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("cowfs: ")
+    assert expected.format(tmp=tmp_path) in result.stderr
+    assert after == before
+
+
+def test_a_mount_refused_for_a_busy_upper_or_workdir_makes_no_workdir(layer_dirs,
+                                                                     tmp_path: Path) -> None:
+    lower, upper, other_upper, work, merged, second = layer_dirs(
+        "lower", "upper", "other-upper", "work", "merged", "second")
+    with mounted_cowfs([lower], merged, upper=upper, extra=("--workdir", str(work))):
+        before = paths_under(tmp_path)
+        shared_upper = run_cowfs("mount", str(lower), str(upper), str(second))
+        shared_workdir = run_cowfs("mount", "--workdir", str(work), str(lower),
+                                   str(other_upper), str(second))
+        assert paths_under(tmp_path) == before
+    assert shared_upper.returncode == 2
+    assert shared_upper.stderr == f"cowfs: upper layer {upper} is in use by another mount\n"
+    assert shared_workdir.returncode == 2
+    assert shared_workdir.stderr == f"cowfs: workdir {work} is in use by another mount\n"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import is_mounted
+from conftest import is_mounted, paths_under
 
 import cowfs
 
@@ -55,6 +55,17 @@ def test_bad_input_raises_before_anything_is_mounted(stack: dict[str, Path]) -> 
     with pytest.raises(cowfs.MountError, match="fsync must be one of"):
         cowfs.mount_stack([str(stack["top"])], str(stack["merged"]), fsync="never")
     assert not is_mounted(stack["merged"])
+
+
+def test_a_refused_layout_makes_no_workdir(stack: dict[str, Path], tmp_path: Path) -> None:
+    (stack["merged"] / "something").write_text("")
+    before = paths_under(tmp_path)
+    with pytest.raises(cowfs.LayoutError, match="is not empty"):
+        cowfs.mount_stack([str(stack["top"])], str(stack["merged"]), upper=str(stack["upper"]))
+    with pytest.raises(cowfs.LayoutError, match="is inside mount point"):
+        cowfs.mount_stack([str(stack["top"])], str(stack["merged"]), upper=str(stack["upper"]),
+                          workdir=str(stack["merged"] / "work"))
+    assert paths_under(tmp_path) == before
 
 
 def test_a_busy_mount_unmounts_lazily(stack: dict[str, Path]) -> None:
