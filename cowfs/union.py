@@ -233,11 +233,17 @@ class Union:
         return entry
 
     def list_names(self, directory: Entry) -> list[str]:
-        """The visible names in *directory* (without . and ..), each resolved once."""
+        """The visible names in *directory* (without . and ..), each resolved once; a name
+        that cannot be looked up (`lookup.BrokenEntry`) counts, as for the kernel's rmdir."""
         directory = self._directory(directory)
         listing = self.read_listing(directory)
-        return [name for name in listing.names
-                if self.lookup(directory, name, listing) is not None]
+        return [name for name in listing.names if self._is_shown(directory, name, listing)]
+
+    def _is_shown(self, directory: Directory, name: str, listing: Listing) -> bool:
+        try:
+            return self.lookup(directory, name, listing) is not None
+        except lookup.BrokenEntry:
+            return True
 
     def read_listing(self, directory: Entry) -> Listing:
         """Candidate names of *directory*, some perhaps hidden: resolve each before showing it
