@@ -199,6 +199,7 @@ class Union:
             return
         entry.index_name = index_name
         entry.stat, entry.origin_ino = indexed, number
+        entry.metacopy, entry.data = False, None    # the indexed copy has the data itself
 
     def link_count(self, entry: Entry, st: os.stat_result) -> int:
         """st_nlink as the merged view counts names."""
