@@ -270,9 +270,12 @@ class CopyUp:
             entry, name, self._stage_metacopy if metadata_only else self._stage_file)
         self._now_upper(entry, name)
         if metadata_only:
-            entry.metacopy, entry.data = True, (lower_layer, name.name)
-            entry.data_parent = name.parent
+            if not entry.metacopy:    # a lower metacopy's data stays where it was found
+                entry.metacopy, entry.data = True, (lower_layer, name.name)
+                entry.data_parent = name.parent
             self.stats.metadata_only += 1
+        else:
+            entry.metacopy, entry.data = False, None
 
     def link_up(self, entry: Entry, name: Name) -> None:
         """A lower name of a file whose copy is up already (through the index) gets its own
@@ -405,8 +408,11 @@ class CopyUp:
         source_dir_fd, source_name = entry.location(self.fds)
         mode = st.st_mode
         if stat.S_ISREG(mode):
+            # A lower metacopy's own file is a sparse stand-in: the data is further down.
+            source = lookup.open_data(self.fds, entry, _READ_FLAGS) if entry.metacopy \
+                else os.open(source_name, _READ_FLAGS, dir_fd=source_dir_fd)
             yield from self._data_copy(
-                _at.open_location(source_dir_fd, source_name, _READ_FLAGS),
+                source,
                 lambda: os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                                 0o600, dir_fd=self.staging.fd),
                 st.st_size)

@@ -308,11 +308,22 @@ class _Hidden(Exception):
     """A whiteout: the name ends here, in this layer."""
 
 
+class BrokenEntry(OSError):
+    """A name the layers hold but that cannot be looked up, because the kernel refuses it too:
+    a metadata-only copy without data (EIO), a malformed redirect (EINVAL) or one with a `.`
+    or `..` step (EACCES). The kernel lists such a name; its stat gives the error."""
+
+
 def open_path(root_fd: int, path: tuple[str, ...]) -> int:
-    """An O_PATH fd of the directory at *path* below *root_fd*, one component at a time."""
+    """An O_PATH fd of the directory at *path* below *root_fd*, one component at a time.
+
+    A `.` or `..` component is refused (EACCES, as the kernel's walk of a redirect): it would
+    lead out of the layer.
+    """
     fd = os.dup(root_fd)
     try:
         for name in path:
+            check_redirect_component(name)
             child = os.open(name, _at.DIR_PATH_FLAGS, dir_fd=fd)
             os.close(fd)
             fd = child
@@ -323,14 +334,38 @@ def open_path(root_fd: int, path: tuple[str, ...]) -> int:
 
 
 def parse_redirect(value: bytes | None) -> Place | None:
-    """An `overlay.redirect` value: `/a/b` from the layer root, or a bare name beside us."""
-    if not value:
+    """An `overlay.redirect` value: `/a/b` from the layer root, or a bare name beside us.
+
+    A malformed value (empty, an empty component, a `/` in a relative name) is EINVAL, the
+    kernel's answer; it is never taken for "no redirect". `.` and `..` pass here and are
+    refused where a walk reaches them (`check_redirect_component`), as the kernel does. The
+    kernel reads the value as a C string: it ends at a NUL.
+    """
+    if value is None:
         return None
-    text = os.fsdecode(value)
+    text = os.fsdecode(value.split(b"\0", 1)[0])
     if text.startswith("/"):
-        components = tuple(text.strip("/").split("/"))
-        return None if any(part in ("", ".", "..") for part in components) else components
-    return None if "/" in text or text in (".", "..") else text
+        components = tuple(text[1:].split("/"))
+        if "" not in components:
+            return components
+    elif value and "/" not in text:
+        return text
+    raise BrokenEntry(errno.EINVAL, f"invalid overlay.redirect {value!r}")
+
+
+def check_redirect_component(name: str) -> None:
+    """Refuse a redirect's step that is no name in its directory (EACCES, as the kernel)."""
+    if name in ("", ".", ".."):
+        raise BrokenEntry(errno.EACCES, f"overlay.redirect leads to {name!r}")
+
+
+def read_redirect(fds: "DirectoryFds", layer: int, directory_fd: int,
+                  name: str | None) -> Place | None:
+    """The redirect of (directory_fd, name) in *layer*; None in the lowest layer, where the
+    kernel never reads one (there is nothing below to redirect to)."""
+    if layer == len(fds.stack.layers) - 1:
+        return None
+    return parse_redirect(whiteout.read_overlay_xattr(directory_fd, name, whiteout.REDIRECT))
 
 
 class _Search:
@@ -340,20 +375,36 @@ class _Search:
         self.fds, self.parent, self.place = fds, parent, place
         self.opened: int | None = None
 
+    def follow(self, redirect: Place) -> None:
+        """Search the layers below at *redirect*: a path from the root, or a name beside the
+        place searched now (in the directory a path led to, if it was one)."""
+        if isinstance(redirect, str) and isinstance(self.place, tuple):
+            self.place = (*self.place[:-1], redirect)
+        else:
+            self.place = redirect
+
     def directory_fd(self, layer: int) -> tuple[int, str, bool] | None:
-        """(fd of the directory to search, name, xwhiteouts) in *layer*, or None to skip it."""
+        """(fd of the directory to search, name, xwhiteouts) in *layer*, or None to skip it.
+
+        Raises _Hidden where a path meets a non-directory (a file, a symlink, a whiteout):
+        the kernel stops looking there. Raises EACCES for a `.` or `..` step.
+        """
         self.close()
         if isinstance(self.place, str):
             if layer not in self.parent.layers:
                 return None
+            check_redirect_component(self.place)
             return (self.fds.fd(self.parent, layer), self.place,
                     layer in self.parent.xwhiteout_layers)
-        if not self.place:
-            return None
         try:
             self.opened = open_path(self.fds.stack.layers[layer].fd, self.place[:-1])
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
             return None
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                raise _Hidden from None
+            raise
+        check_redirect_component(self.place[-1])
         xwhiteouts = whiteout.directory_opacity(self.opened) is Opacity.XWHITEOUTS
         return self.opened, self.place[-1], xwhiteouts
 
@@ -368,13 +419,15 @@ def lookup(fds: DirectoryFds, parent: Directory, name: str, *,
     """Resolve *name* in *parent*, top layer first; None when no layer shows it.
 
     A directory's `overlay.redirect` sends the search in the layers below to the path it names
-    (a renamed directory finds its lower copies where they are). *upper* is the index of the
-    writable layer, if any: for a copy found there, the layers below are probed too, to know
-    whether deleting it needs a whiteout.
+    (a renamed directory finds its lower copies where they are). A metadata-only copy (the
+    kernel's metacopy), in any layer, finds its data below (`_find_data`). *upper* is the index
+    of the writable layer, if any: for a copy found there, the layers below are probed too, to
+    know whether deleting it needs a whiteout.
     *listing*, a scan of *parent*, lets the search skip lower layers that lack the name.
     The upper is not read in the OCI dialect: a `.wh.` name there is an ordinary entry (below
     it, only a marker), and hides nothing, as in the kernel.
-    Raises OSError for a name that cannot exist (ENAMETOOLONG, EINVAL) or a layer that fails.
+    Raises OSError for a name that cannot exist (ENAMETOOLONG, EINVAL) or a layer that fails,
+    and BrokenEntry where the kernel fails the lookup of a name its layers hold.
     """
     _at.check_name(name)
     search = _Search(fds, parent, name)
@@ -389,11 +442,11 @@ def lookup(fds: DirectoryFds, parent: Directory, name: str, *,
             if listing is not None and search.place == name \
                     and not listing.may_hold(layer, name):
                 continue
-            where = search.directory_fd(layer)
-            if where is None:
-                continue
-            directory_fd, search_name, layer_xwhiteouts = where
             try:
+                where = search.directory_fd(layer)
+                if where is None:
+                    continue
+                directory_fd, search_name, layer_xwhiteouts = where
                 st = _find(directory_fd, search_name, layer_xwhiteouts, oci=layer != upper)
             except _Hidden:
                 break
@@ -406,10 +459,11 @@ def lookup(fds: DirectoryFds, parent: Directory, name: str, *,
                     if layer == upper:
                         found.has_lower = _shown_below(fds, parent, name, layer, listing)
                         entry.origin_ino = whiteout.read_origin_ino(directory_fd, name)
-                        if stat.S_ISREG(st.st_mode) and whiteout.is_metacopy(directory_fd, name):
-                            entry.metacopy = True
-                            entry.data = _find_data(fds, search, directory_fd, name, layer)
-                            entry.data_parent = parent
+                    if stat.S_ISREG(st.st_mode) and _is_metacopy(directory_fd, name):
+                        entry.metacopy = True
+                        entry.data, data_stat = _find_data(fds, search, directory_fd, layer)
+                        entry.data_parent = parent
+                        entry.stat = _with_blocks(st, data_stat.st_blocks)
                     return entry
                 break                      # a non-directory below a directory ends the merge
             if top_stat is None:
@@ -424,9 +478,9 @@ def lookup(fds: DirectoryFds, parent: Directory, name: str, *,
                 break
             if layer != upper and whiteout.is_oci_whiteout_present(directory_fd, search_name):
                 break      # OCI: `.wh.NAME` beside NAME hides only the layers below
-            redirect = parse_redirect(whiteout.read_overlay_xattr(fd, None, whiteout.REDIRECT))
+            redirect = read_redirect(fds, layer, fd, None)
             if redirect is not None:
-                search.place = redirect
+                search.follow(redirect)
     except BaseException:
         for fd in merged.values():
             os.close(fd)
@@ -444,39 +498,84 @@ def lookup(fds: DirectoryFds, parent: Directory, name: str, *,
     return directory
 
 
-def _find_data(fds: DirectoryFds, search: _Search, directory_fd: int, name: str,
-               layer: int) -> tuple[int, Place] | None:
-    """Where a metacopy's data is: the next regular file down, at its redirect if it has one."""
-    redirect = parse_redirect(whiteout.read_overlay_xattr(directory_fd, name, whiteout.REDIRECT))
-    if redirect is not None:
-        search.place = redirect
-    for lower in range(layer + 1, len(fds.stack.layers)):
-        where = search.directory_fd(lower)
-        if where is None:
-            continue
-        try:
-            st = _find(*where)
-        except _Hidden:
-            return None
-        if st is not None:
-            return (lower, search.place) if stat.S_ISREG(st.st_mode) else None
-    return None
+def _find_data(fds: DirectoryFds, search: _Search, directory_fd: int,
+               layer: int) -> tuple[tuple[int, Place], os.stat_result]:
+    """Where the data of the metacopy found at (directory_fd, search.place) in *layer* is, and
+    its lstat.
+
+    As the kernel: down through the layers below, at each metacopy's redirect, to the first
+    regular file that is no metacopy itself. A whiteout, a file of another type, or the end of
+    the stack before it means the data is lost: EIO, never the metacopy's own zeros.
+    """
+    name = search.place if isinstance(search.place, str) else search.place[-1]
+    for lower in range(layer, len(fds.stack.layers)):
+        if lower > layer:
+            try:
+                where = search.directory_fd(lower)
+                if where is None:
+                    continue
+                directory_fd, name, xwhiteouts = where
+                st = _find(directory_fd, name, xwhiteouts)
+            except _Hidden:
+                break
+            if st is None:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                break
+            if not _is_metacopy(directory_fd, name):
+                return (lower, search.place), st
+        redirect = read_redirect(fds, lower, directory_fd, name)
+        if redirect is not None:
+            search.follow(redirect)
+    raise BrokenEntry(errno.EIO, "a metadata-only copy whose data is in no layer below", name)
 
 
-def open_data(fds: DirectoryFds, entry: Entry, flags: int) -> int:
-    """An fd on a metacopy entry's data, in the lower layer that holds it."""
+def _is_metacopy(directory_fd: int, name: str) -> bool:
+    """Whether a regular file holds metadata only; a mark of 1 to 3 bytes is corrupt (EIO, as
+    the kernel)."""
+    value = whiteout.read_metacopy(directory_fd, name)
+    if value is not None and 0 < len(value) < whiteout.METACOPY_MIN_SIZE:
+        raise BrokenEntry(errno.EIO, f"invalid overlay.metacopy {value!r}", name)
+    return value is not None
+
+
+def _with_blocks(st: os.stat_result, blocks: int) -> os.stat_result:
+    """*st* with another st_blocks: a metacopy shows its data's, as the kernel does."""
+    shown, more = st.__reduce__()[1]
+    return os.stat_result(shown, {**more, "st_blocks": blocks})
+
+
+def _data_directory(fds: DirectoryFds, entry: Entry) -> tuple[int, str, bool]:
+    """(directory fd, name) of a metacopy entry's data, and whether the fd is the caller's to
+    close."""
     if entry.data is None:
         raise OSError(errno.EIO, "the data of this metadata-only copy is missing",
                       entry.describe())
     layer, place = entry.data
     if isinstance(place, str):
         assert entry.data_parent is not None
-        return os.open(place, flags, dir_fd=fds.fd(entry.data_parent, layer))
-    directory_fd = open_path(fds.stack.layers[layer].fd, place[:-1])
+        return fds.fd(entry.data_parent, layer), place, False
+    return open_path(fds.stack.layers[layer].fd, place[:-1]), place[-1], True
+
+
+def open_data(fds: DirectoryFds, entry: Entry, flags: int) -> int:
+    """An fd on a metacopy entry's data, in the lower layer that holds it."""
+    directory_fd, name, owned = _data_directory(fds, entry)
     try:
-        return os.open(place[-1], flags, dir_fd=directory_fd)
+        return os.open(name, flags, dir_fd=directory_fd)
     finally:
-        os.close(directory_fd)
+        if owned:
+            os.close(directory_fd)
+
+
+def stat_data(fds: DirectoryFds, entry: Entry) -> os.stat_result:
+    """The lstat of a metacopy entry's data."""
+    directory_fd, name, owned = _data_directory(fds, entry)
+    try:
+        return os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
+    finally:
+        if owned:
+            os.close(directory_fd)
 
 
 def _shown_below(fds: DirectoryFds, parent: Directory, name: str, layer: int,
@@ -534,4 +633,7 @@ def read_merged_names(fds: DirectoryFds, directory: Directory, *,
 def stat_entry(fds: DirectoryFds, entry: Entry) -> os.stat_result:
     """A fresh lstat of the entry's topmost copy (for an indexed lower name: the upper one)."""
     directory_fd, name = entry.location(fds)
-    return _at.stat_location(directory_fd, name)
+    st = _at.stat_location(directory_fd, name)
+    if entry.metacopy:
+        st = _with_blocks(st, stat_data(fds, entry).st_blocks)
+    return st

@@ -22,7 +22,7 @@ from cowfs.durability import BATCH, BATCH_DELAY_S, VOLATILE, Durability
 from cowfs.idmap import IDENTITY, IdMap
 from cowfs.inodes import InodeTable, Node, NodeId
 from cowfs.layers import read_mountinfo
-from cowfs.lookup import Directory, Entry, Listing, Name
+from cowfs.lookup import BrokenEntry, Directory, Entry, Listing, Name
 from cowfs.union import Caller, Union
 from cowfs.whiteout import check_new_name
 
@@ -297,7 +297,12 @@ class Operations(pyfuse3.Operations):
                 attributes = self.attributes(node.id, node.entry)
                 entry = None
             else:
-                entry = self.union.lookup(directory, name, handle.listing)
+                try:
+                    entry = self.union.lookup(directory, name, handle.listing)
+                except BrokenEntry:
+                    # The kernel lists it and fails its stat. pyfuse3 gives a listed name a
+                    # node or d_ino 0, which readdir(3) drops: cowfs leaves it out.
+                    continue
                 if entry is None:
                     continue          # hidden by a whiteout, or removed since opendir
                 node_id = self.nodes.id_for(entry)

@@ -694,8 +694,13 @@ class _MergedTree:
     def resolve(self, path: Path) -> "lookup.Entry":
         entry = self.root
         for depth, name in enumerate(path):
-            found = lookup.lookup(self.fds, entry, name, upper=0) \
-                if isinstance(entry, lookup.Directory) else None
+            try:
+                found = lookup.lookup(self.fds, entry, name, upper=0) \
+                    if isinstance(entry, lookup.Directory) else None
+            except lookup.BrokenEntry as exc:
+                raise LayerError(f"{_tar_name(path[:depth + 1])} cannot be read: {exc.strerror} "
+                                 f"(a metadata-only copy finds its data in the lower layers "
+                                 f"given with --lowers)") from None
             if found is None:
                 raise LayerError(f"{_tar_name(path[:depth + 1])} is not in the merged view")
             entry = found
@@ -704,9 +709,6 @@ class _MergedTree:
     def open_file(self, path: Path) -> tuple[int, str, int]:
         """(directory fd, name, data fd) of a metadata-only copy, its data from the lowers."""
         entry = self.resolve(path)
-        if entry.metacopy and entry.data is None:
-            raise LayerError(f"{_tar_name(path)} holds metadata only and its data is in "
-                             f"none of the lower layers given")
         directory_fd, name = entry.location(self.fds)
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
         data_fd = lookup.open_data(self.fds, entry, flags) if entry.metacopy \

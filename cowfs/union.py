@@ -225,6 +225,7 @@ class Union:
         # The file is up (its name here is not, yet): its copy is the indexed one.
         entry.index_name, entry.layer = index_name, UPPER
         entry.stat, entry.origin_ino = indexed, number
+        entry.metacopy, entry.data = False, None    # the indexed copy has the data itself
 
     def link_count(self, entry: Entry, st: os.stat_result) -> int:
         """st_nlink as the merged view counts names."""
@@ -259,13 +260,19 @@ class Union:
         return entry
 
     def list_names(self, directory: Entry) -> list[str]:
-        """The visible names in *directory* (without . and ..), each resolved once."""
+        """The visible names in *directory* (without . and ..), each resolved once; a name
+        that cannot be looked up (`lookup.BrokenEntry`) counts, as for the kernel's rmdir."""
         directory = self._directory(directory)
         if directory.removed:
             return []
         listing = self.read_listing(directory)
-        return [name for name in listing.names
-                if self.lookup(directory, name, listing) is not None]
+        return [name for name in listing.names if self._is_shown(directory, name, listing)]
+
+    def _is_shown(self, directory: Directory, name: str, listing: Listing) -> bool:
+        try:
+            return self.lookup(directory, name, listing) is not None
+        except lookup.BrokenEntry:
+            return True
 
     def read_listing(self, directory: Entry) -> Listing:
         """Candidate names of *directory*, some perhaps hidden: resolve each before showing it

@@ -30,6 +30,7 @@ OPAQUE = "opaque"
 WHITEOUT = "whiteout"
 REDIRECT = "redirect"
 METACOPY = "metacopy"
+METACOPY_MIN_SIZE = 4        # a non-empty mark: version, length, flags, padding
 LINK_COUNT = "cowfs.nlink"   # the merged view's link count of an indexed file
 
 
@@ -148,9 +149,18 @@ def read_origin_ino(dir_fd: int, name: str | None) -> int | None:
         return None
 
 
-def is_metacopy(dir_fd: int, name: str) -> bool:
-    """An upper file that holds metadata only: its data is in the lower copy."""
-    return read_overlay_xattr(dir_fd, name, METACOPY) is not None
+def read_metacopy(dir_fd: int, name: str) -> bytes | None:
+    """The `overlay.metacopy` mark of a file, None for none.
+
+    Asked of every regular file a lookup meets, so one listxattr answers the usual "none". The
+    mark is empty or the kernel's struct (version, length, flags, padding, then perhaps an
+    fs-verity digest), at least METACOPY_MIN_SIZE bytes.
+    """
+    stored = _at.list_xattrs(dir_fd, name)
+    for prefix in OVERLAY_XATTR_PREFIXES:
+        if prefix + METACOPY in stored:
+            return _at.get_xattr(dir_fd, name, prefix + METACOPY)
+    return None
 
 
 def make_whiteout(dir_fd: int, name: str) -> None:

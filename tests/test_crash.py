@@ -28,6 +28,15 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
         unmount_quietly(path)
 
 
+@contextlib.contextmanager
+def bind_mounted(source: Path, target: Path) -> Iterator[Path]:
+    subprocess.run(["mount", "--bind", str(source), str(target)], check=True)
+    try:
+        yield target
+    finally:
+        unmount_quietly(target)
+
+
 def test_a_full_upper_fails_the_write_and_changes_nothing(layer_dirs, tmp_path: Path) -> None:
     lower, merged = layer_dirs("lower", "merged")
     (lower / "big").write_bytes(b"B" * (16 * MIB))
@@ -97,18 +106,21 @@ def wait_for_partial_copy(staging: Path, size: int) -> bool:
 def test_a_read_error_fails_the_copy_up_and_changes_nothing(layer_dirs) -> None:
     """A lower file whose data cannot be read (EIO) is not copied up, not even in part.
 
-    The failing lower layer is itself a cowfs mount serving a metadata-only copy whose data is
-    gone: its metadata reads fine, its data gives EIO, as the kernel's overlayfs does.
+    The failing lower layer is itself a cowfs mount serving a metadata-only copy whose data
+    gives EIO: it is a bind mount of /proc/PID/mem, made after that mount started (mount points
+    inside layers are refused at mount time), and address 0 is never mapped.
     """
     inner_lower, inner_upper, inner, upper, merged = layer_dirs(
         "inner-lower", "inner-upper", "inner", "upper", "merged")
     with open(inner_upper / "unreadable", "wb") as file:
         file.truncate(MIB)
     os.setxattr(inner_upper / "unreadable", "trusted.overlay.metacopy", b"")
+    (inner_lower / "unreadable").touch()
     (inner_lower / "fine").write_text("fine")
     workdir = upper.parent / "work"
     with mounted_cowfs([inner_lower], inner, upper=inner_upper,
-                       extra=("--workdir", str(upper.parent / "inner-work"))):
+                       extra=("--workdir", str(upper.parent / "inner-work"))), \
+            bind_mounted(Path(f"/proc/{os.getpid()}/mem"), inner_lower / "unreadable"):
         with pytest.raises(OSError) as caught:
             (inner / "unreadable").read_bytes()
         assert caught.value.errno == errno.EIO
