@@ -63,7 +63,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                        help="comma-separated: nonempty, ro, fsname=NAME, workdir=DIR, userxattr "
                             "(write user.overlay.* xattrs, as unprivileged mounts do), "
                             "fsync=strict|batch|volatile (when changes reach the disk; "
-                            "default batch), volatile (= fsync=volatile)")
+                            "default batch), volatile (= fsync=volatile), the kernel's "
+                            "metacopy=on|off, redirect_dir=on|follow|off|nofollow, index=on|off "
+                            "(default on, on, on; metacopy=off,redirect_dir=off writes what a "
+                            "default kernel overlay reads)")
     mount.add_argument("--workdir", metavar="DIR",
                        help="where changes are prepared, on the upper's filesystem "
                             "(default: .UPPER.cowfs-work beside UPPER)")
@@ -273,7 +276,8 @@ def mount_parsed(parsed: options.ParsedOptions, mountpoint: str, *, foreground: 
     for item in parsed.ignored:
         log.debug("option %s ignored", item)
     stack = open_stack(lowers, parsed.upperdir, parsed.workdir, userxattr=parsed.userxattr,
-                       mountpoint=mountpoint, nonempty=parsed.nonempty)
+                       mountpoint=mountpoint, nonempty=parsed.nonempty,
+                       format_options=parsed.format)
     mountpoint = os.path.realpath(mountpoint)
     if parsed.upperdir is None:
         parsed.mount.readonly = True

@@ -169,7 +169,8 @@ CopyUpSteps = Generator[DataCopy, None, None]
 class CopyUp:
     """Copies entries up through *staging*; *inode_number* gives the number to keep."""
 
-    def __init__(self, fds: DirectoryFds, staging: Staging, index_fd: int, marks: whiteout.Marks,
+    def __init__(self, fds: DirectoryFds, staging: Staging, index_fd: int | None,
+                 marks: whiteout.Marks,
                  inode_number: Callable[[Entry], int], durability: Durability) -> None:
         self.fds = fds
         self.durability = durability
@@ -263,8 +264,11 @@ class CopyUp:
                 self.link_up(entry, lower_name)
 
     def _copy_up_file(self, entry: Entry, name: Name, *, data: bool) -> CopyUpSteps:
-        metadata_only = (not data and stat.S_ISREG(entry.stat.st_mode)
-                         and entry.stat.st_nlink == 1)
+        # A file of several lower names may hold metadata only when the index makes its names
+        # one upper inode (never two metacopies of one lower file).
+        metadata_only = (not data and self.fds.stack.format.metacopy
+                         and stat.S_ISREG(entry.stat.st_mode)
+                         and (entry.stat.st_nlink == 1 or self.index_fd is not None))
         lower_layer = name.layer
         yield from self._stage_and_place(
             entry, name, self._stage_metacopy if metadata_only else self._stage_file)
@@ -343,7 +347,7 @@ class CopyUp:
             source_dir_fd, source_name = entry.location(self.fds)
             copy_metadata(source_dir_fd, source_name, st, self.staging.fd, staged)
             self.marks.record_origin_ino(self.staging.fd, staged, origin_ino)
-            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1 and self.index_fd is not None:
                 self._index(staged, origin_ino, st.st_nlink, entry)
             parent_fd = self.upper_directory(target.parent)
             parent_times = os.stat(parent_fd)

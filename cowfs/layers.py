@@ -60,6 +60,8 @@ class LayerStack:
     work: Workdir | None = None
     # Where overlay xattrs are written: `trusted.overlay.` or `user.overlay.` (userxattr).
     xattr_prefix: str = dataclasses.field(default_factory=whiteout.default_xattr_prefix)
+    # The kernel overlay's metacopy=, redirect_dir= and index=: how the format is read/written.
+    format: whiteout.FormatOptions = dataclasses.field(default_factory=whiteout.FormatOptions)
 
     @property
     def lowers(self) -> list[Layer]:
@@ -123,7 +125,8 @@ def default_workdir(upper: str) -> str:
 
 def open_stack(lowers: list[str], upper: str | None = None, workdir: str | None = None, *,
                userxattr: bool = False, mountpoint: str | None = None,
-               nonempty: bool = False) -> LayerStack:
+               nonempty: bool = False,
+               format_options: whiteout.FormatOptions | None = None) -> LayerStack:
     """Open and validate a stack; raises LayoutError naming the first problem found.
 
     Everything is checked before anything is made, so a refused stack leaves the filesystem as
@@ -139,6 +142,8 @@ def open_stack(lowers: list[str], upper: str | None = None, workdir: str | None 
         ("lower layer", path) for path in lowers
     ]
     stack = LayerStack(layers=[], upper=None)
+    if format_options is not None:
+        stack.format = format_options
     if userxattr:
         stack.xattr_prefix = whiteout.OVERLAY_XATTR_PREFIXES[1]
     try:

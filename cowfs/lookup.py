@@ -365,7 +365,11 @@ def read_redirect(fds: "DirectoryFds", layer: int, directory_fd: int,
     kernel never reads one (there is nothing below to redirect to)."""
     if layer == len(fds.stack.layers) - 1:
         return None
-    return parse_redirect(whiteout.read_overlay_xattr(directory_fd, name, whiteout.REDIRECT))
+    redirect = parse_redirect(whiteout.read_overlay_xattr(directory_fd, name, whiteout.REDIRECT))
+    if redirect is not None and not fds.stack.format.follows_redirects:
+        raise BrokenEntry(errno.EPERM, "redirect_dir=nofollow: a redirect is not followed",
+                          name)
+    return redirect
 
 
 class _Search:
@@ -460,6 +464,9 @@ def lookup(fds: DirectoryFds, parent: Directory, name: str, *,
                         found.has_lower = _shown_below(fds, parent, name, layer, listing)
                         entry.origin_ino = whiteout.read_origin_ino(directory_fd, name)
                     if stat.S_ISREG(st.st_mode) and _is_metacopy(directory_fd, name):
+                        if not fds.stack.format.metacopy:
+                            raise BrokenEntry(errno.EPERM, "metacopy=off: a metadata-only "
+                                              "copy is not read", name)
                         entry.metacopy = True
                         entry.data, data_stat = _find_data(fds, search, directory_fd, layer)
                         entry.data_parent = parent

@@ -9,14 +9,15 @@ log. Anything else is refused with a one-line error, so a typo never passes sile
 import dataclasses
 from collections.abc import Sequence
 
-from cowfs import durability
+from cowfs import durability, whiteout
 from cowfs.daemon import MountOptions
 from cowfs.idmap import IdMap, MappingError, parse_mapping
 
 # Honoured options that take a value, and what the value looks like.
 VALUED = {"lowerdir": "DIRS", "upperdir": "DIR", "workdir": "DIR", "fsname": "NAME",
           "fsync": "strict|batch|volatile", "uidmapping": "A:B:N[:A:B:N...]",
-          "gidmapping": "A:B:N[:A:B:N...]", "squash_to_uid": "UID", "squash_to_gid": "GID"}
+          "gidmapping": "A:B:N[:A:B:N...]", "squash_to_uid": "UID", "squash_to_gid": "GID",
+          "metacopy": "on|off", "redirect_dir": "on|follow|off|nofollow", "index": "on|off"}
 # Honoured flags.
 FLAGS = {"nonempty", "ro", "userxattr", "volatile", "debug", "squash_to_root"}
 # Passed on to the kernel as mount flags.
@@ -32,8 +33,8 @@ IGNORED_VALUED = {
     "timeout", "threaded", "fast_ino", "writeback", "noxattrs", "plugins", "xattr_permissions",
     # SELinux labels (cowfs passes xattrs through)
     "context", "fscontext", "defcontext", "rootcontext",
-    # the kernel overlay's: cowfs always writes redirects, metacopy and its own index
-    "redirect_dir", "index", "xino", "metacopy", "nfs_export", "uuid",
+    # the kernel overlay's inode-number and export schemes (cowfs numbers inodes its own way)
+    "xino", "nfs_export", "uuid",
     # libfuse's tuning
     "max_read", "blksize", "subtype"}
 
@@ -52,6 +53,7 @@ class ParsedOptions:
     debug: bool = False
     mount: MountOptions = dataclasses.field(default_factory=MountOptions)
     ignored: list[str] = dataclasses.field(default_factory=list)
+    format: whiteout.FormatOptions = dataclasses.field(default_factory=whiteout.FormatOptions)
 
 
 def parse(values: Sequence[str], *, is_root: bool = True) -> ParsedOptions:
@@ -82,6 +84,7 @@ def parse(values: Sequence[str], *, is_root: bool = True) -> ParsedOptions:
     parsed.nonempty = "nonempty" in flags
     parsed.userxattr = "userxattr" in flags
     parsed.debug = "debug" in flags
+    parsed.format = _format_options(settings)
     parsed.mount = MountOptions(
         readonly="ro" in flags, fsname=settings.get("fsname") or "cowfs",
         fsync=_fsync_mode(settings.get("fsync"), volatile="volatile" in flags),
@@ -102,6 +105,26 @@ def _fsync_mode(value: str | None, *, volatile: bool) -> str:
         raise OptionError(f"malformed mount option 'fsync={value}': "
                           f"expected fsync=strict|batch|volatile")
     return mode
+
+
+def _format_options(settings: dict[str, str]) -> whiteout.FormatOptions:
+    def on_off(key: str) -> bool | None:
+        if key not in settings:
+            return None
+        if settings[key] not in ("on", "off"):
+            raise OptionError(f"malformed mount option '{key}={settings[key]}': "
+                              f"expected {key}=on|off")
+        return settings[key] == "on"
+
+    redirect = settings.get("redirect_dir")
+    if redirect is not None and redirect not in whiteout.REDIRECT_MODES:
+        raise OptionError(f"malformed mount option 'redirect_dir={redirect}': "
+                          f"expected redirect_dir={VALUED['redirect_dir']}")
+    try:
+        return whiteout.FormatOptions.from_options(
+            metacopy=on_off("metacopy"), redirect_dir=redirect, index=on_off("index"))
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
 
 
 def _id_map(settings: dict[str, str], kind: str, *, squash_to_root: bool) -> IdMap:

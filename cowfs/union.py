@@ -110,14 +110,16 @@ class Union:
         self._files: weakref.WeakValueDictionary[int, Entry] = weakref.WeakValueDictionary()
         self._copy_up: CopyUp | None = None
         self.durability: durability.Durability | None = None
-        self.index_fd = None
+        self.index_fd: int | None = None
         if stack.upper is not None:
             assert stack.work is not None, "an upper layer comes with a workdir"
             self.staging = Staging(stack.work.staging_fd)
-            self.index_fd: int | None = stack.work.index_fd
+            # index=off: no index is kept (lower hard links part once copied up, as the
+            # kernel's do after a remount).
+            self.index_fd = stack.work.index_fd if stack.format.index else None
             self.marks = whiteout.Marks(stack.xattr_prefix)
             self.durability = durability.Durability(stack, fsync)
-            self._copy_up = CopyUp(self.fds, self.staging, stack.work.index_fd, self.marks,
+            self._copy_up = CopyUp(self.fds, self.staging, self.index_fd, self.marks,
                                    self.inode_number, self.durability)
 
     def close(self) -> None:
@@ -222,10 +224,17 @@ class Union:
             indexed = os.stat(index_name, dir_fd=self.index_fd, follow_symlinks=False)
         except FileNotFoundError:
             return
-        # The file is up (its name here is not, yet): its copy is the indexed one.
+        # The file is up (its name here is not, yet): its copy is the indexed one, whose data,
+        # if it holds metadata only, is still this lower file's.
+        found = entry.names[0]
+        lower_data = entry.data if entry.metacopy else (found.layer, found.name)
+        lower_parent = entry.data_parent if entry.metacopy else found.parent
         entry.index_name, entry.layer = index_name, UPPER
         entry.stat, entry.origin_ino = indexed, number
-        entry.metacopy, entry.data = False, None    # the indexed copy has the data itself
+        if whiteout.read_metacopy(self.index_fd, index_name) is not None:
+            entry.metacopy, entry.data, entry.data_parent = True, lower_data, lower_parent
+        else:
+            entry.metacopy, entry.data, entry.data_parent = False, None, None
 
     def link_count(self, entry: Entry, st: os.stat_result) -> int:
         """st_nlink as the merged view counts names."""
@@ -504,6 +513,8 @@ class Union:
             if target is None or target_name is None:
                 raise _error(errno.ENOENT, new_name)
             if target is not source:
+                self._check_movable(source)
+                self._check_movable(target)
                 self._exchange(source, source_name, target, target_name)
             return None
         if target is not None and flags & _libc.RENAME_NOREPLACE:
@@ -511,6 +522,7 @@ class Union:
         if target is source:
             return None                   # two names of one file: nothing to do (POSIX)
         self._check_rename(source, target)
+        self._check_movable(source)
         if target is not None and target_name is not None and not target.is_directory:
             self._copy_up_linked_lower(target, target_name)
         writer = self._writer()
@@ -740,6 +752,13 @@ class Union:
                 raise _error(errno.ENOTEMPTY, target.describe())
         elif target is not None and target.is_directory:
             raise _error(errno.EISDIR, target.describe())
+
+    def _check_movable(self, entry: Entry) -> None:
+        """A directory with lower copies moves only by a redirect: without redirect_dir=on,
+        EXDEV (as the kernel: mv then copies it whole)."""
+        if isinstance(entry, Directory) and not self.stack.format.writes_redirects \
+                and any(layer != UPPER for layer in entry.layers):
+            raise _error(errno.EXDEV, entry.describe())
 
     def _prepare_directory_move(self, directory: Directory, covers_lower: bool) -> None:
         """Before a directory moves: it must keep its own lower copies and no others.

@@ -15,6 +15,7 @@ as the kernel shows it; and no name made through the mount may start with `.wh.`
 `userxattr` mode, used by unprivileged mounts).
 """
 
+import dataclasses
 import enum
 import errno
 import os
@@ -174,6 +175,52 @@ def read_link_count(dir_fd: int, name: str) -> int | None:
         return int(value) if value else None
     except ValueError:
         return None
+
+
+REDIRECT_MODES = ("on", "follow", "off", "nofollow")
+
+
+@dataclasses.dataclass(frozen=True)
+class FormatOptions:
+    """The kernel overlay's format options, with the kernel's meaning (its overlayfs.rst).
+
+    metacopy: chmod, chown, utimes and xattr changes copy no data (a metacopy file), and
+    metacopy files are read; off, one met is EPERM, as the kernel answers.
+    redirect_dir: `on` writes redirects (a directory with lower copies may move) and follows
+    them; `follow` and `off` follow them but write none (such a move is EXDEV: `off` is
+    `follow` on a kernel with redirect_always_follow, its default); `nofollow` neither (a
+    redirect met is EPERM).
+    index: lower hard links stay one file once copied up (cowfs's own index in the workdir);
+    off, none is kept and a copy-up of one name is a file of its own after remount.
+    """
+
+    metacopy: bool = True
+    redirect_dir: str = "on"
+    index: bool = True
+
+    @property
+    def writes_redirects(self) -> bool:
+        return self.redirect_dir == "on"
+
+    @property
+    def follows_redirects(self) -> bool:
+        return self.redirect_dir != "nofollow"
+
+    @classmethod
+    def from_options(cls, *, metacopy: bool | None = None, redirect_dir: str | None = None,
+                     index: bool | None = None) -> "FormatOptions":
+        """The kernel's rules for what is left unsaid: metacopy needs redirect_dir=on, so
+        redirect_dir given otherwise turns the default metacopy off, and both given so is a
+        conflict (ValueError)."""
+        if redirect_dir is not None and redirect_dir not in REDIRECT_MODES:
+            raise ValueError(f"redirect_dir={redirect_dir}: expected one of "
+                             f"{'|'.join(REDIRECT_MODES)}")
+        if metacopy and redirect_dir not in (None, "on"):
+            raise ValueError(f"conflicting options: metacopy=on,redirect_dir={redirect_dir}")
+        if metacopy is None:
+            metacopy = redirect_dir in (None, "on")
+        return cls(metacopy=metacopy, redirect_dir=redirect_dir or "on",
+                   index=True if index is None else index)
 
 
 def default_xattr_prefix() -> str:
