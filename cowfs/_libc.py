@@ -37,6 +37,38 @@ def renameat2(old_dir_fd: int, old_name: str, new_dir_fd: int, new_name: str,
                            os.fsencode(new_name), flags), "renameat2", old_name)
 
 
+# File handles (name_to_handle_at(2)): what the kernel's overlay.origin records.
+AT_EMPTY_PATH = 0x1000
+_MAX_HANDLE_BYTES = 128
+FS_IOC_GETFSUUID = 0x80111500     # _IOR(0x15, 0, struct fsuuid2): a filesystem's uuid
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * _MAX_HANDLE_BYTES)]
+
+
+def name_to_handle_at(dir_fd: int, name: str | None) -> tuple[int, bytes]:
+    """(handle type, handle bytes) of (dir_fd, name), not following a symlink (its default);
+    with no name, of what *dir_fd* holds (AT_EMPTY_PATH)."""
+    handle = _FileHandle(handle_bytes=_MAX_HANDLE_BYTES)
+    mount_id = ctypes.c_int()
+    flags = AT_EMPTY_PATH if name is None else 0
+    _check(_libc.name_to_handle_at(dir_fd, os.fsencode(name or ""), ctypes.byref(handle),
+                                   ctypes.byref(mount_id), flags), "name_to_handle_at", name)
+    return handle.handle_type, bytes(handle.f_handle[:handle.handle_bytes])
+
+
+def open_by_handle_at(mount_fd: int, handle_type: int, handle_bytes: bytes, flags: int) -> int:
+    """An fd on the file a handle names, on the filesystem *mount_fd* is on (needs
+    CAP_DAC_READ_SEARCH)."""
+    handle = _FileHandle(handle_bytes=len(handle_bytes), handle_type=handle_type)
+    ctypes.memmove(handle.f_handle, handle_bytes, len(handle_bytes))
+    fd = _libc.open_by_handle_at(mount_fd, ctypes.byref(handle), flags)
+    _check(fd, "open_by_handle_at")
+    return fd
+
+
 # unshare(2) / clone(2) flags
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000

@@ -178,6 +178,7 @@ class CopyUp:
         self.marks = marks
         self.staging = staging
         self.index_fd = index_fd
+        self._uuids: dict[int, bytes | None] = {}    # layer -> its filesystem's uuid
         self.inode_number = inode_number
 
     def upper_directory(self, directory: Directory) -> int:
@@ -346,7 +347,14 @@ class CopyUp:
             # Directory fds may have been recycled while the data was copied: fetch them anew.
             source_dir_fd, source_name = entry.location(self.fds)
             copy_metadata(source_dir_fd, source_name, st, self.staging.fd, staged)
-            self.marks.record_origin_ino(self.staging.fd, staged, origin_ino)
+            # The kernel's origin gives the number to either reader; cowfs's own record only
+            # where there is none (an inode's inline xattr room is small: a second record
+            # would cost a block per copy).
+            kernel_origin = self._kernel_origin(entry, st, source_dir_fd, source_name)
+            if kernel_origin is not None:
+                self.marks.set_origin(self.staging.fd, staged, kernel_origin)
+            else:
+                self.marks.record_origin_ino(self.staging.fd, staged, origin_ino)
             if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1 and self.index_fd is not None:
                 self._index(staged, origin_ino, st.st_nlink, entry)
             parent_fd = self.upper_directory(target.parent)
@@ -356,6 +364,8 @@ class CopyUp:
         except BaseException:
             self.staging.remove(staged)
             raise
+        if kernel_origin is not None:
+            self.marks.set_impure(parent_fd)
         self.durability.changed(parent_fd)
         self.stats.copy_ups += 1
         self.stats.directories += stat.S_ISDIR(st.st_mode)
@@ -363,6 +373,32 @@ class CopyUp:
         log.debug("copied up %r (inode %d)", target.name, origin_ino)
         _keep_times(parent_fd, parent_times)   # as the kernel: a copy-up changes no parent
         entry.origin_ino = origin_ino
+
+    def _kernel_origin(self, entry: Entry, st: os.stat_result, source_dir_fd: int,
+                       source_name: str | None) -> bytes | None:
+        """The kernel's overlay.origin for a copy of this lower file, so that the kernel shows
+        the same inode number as cowfs; None where the kernel would not use one: a lower file
+        of several names (its copy stands for one name only, without the kernel's index), a
+        filesystem without file handles or whose uuid this kernel does not tell (before
+        Linux 6.5), `user.overlay.` xattrs (no handles unprivileged)."""
+        if entry.layer == UPPER or self.marks.prefix != whiteout.OVERLAY_XATTR_PREFIXES[0] \
+                or (not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1):
+            return None
+        uuid = self._filesystem_uuid(entry.layer)
+        if uuid is None:
+            return None
+        try:
+            handle_type, handle = _libc.name_to_handle_at(source_dir_fd, source_name)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EOVERFLOW, errno.ENOSYS):
+                return None
+            raise
+        return whiteout.encode_origin(uuid, handle_type, handle)
+
+    def _filesystem_uuid(self, layer: int) -> bytes | None:
+        if layer not in self._uuids:
+            self._uuids[layer] = filesystem_uuid(self.fds.stack.layers[layer].fd)
+        return self._uuids[layer]
 
     def _index(self, staged: str, origin_ino: int, link_count: int, entry: Entry) -> None:
         """Link a finished copy into the index, where the file's other lower names find it.
@@ -436,3 +472,19 @@ def _lstat_or_none(dir_fd: int, name: str) -> os.stat_result | None:
 
 def _keep_times(directory_fd: int, st: os.stat_result) -> None:
     os.utime(_at.fd_path(directory_fd), ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def filesystem_uuid(directory_fd: int) -> bytes | None:
+    """The 16-byte uuid of the filesystem *directory_fd* is on (FS_IOC_GETFSUUID, Linux 6.5),
+    as the kernel's overlay records it; None where the kernel does not tell."""
+    fd = os.open(_at.fd_path(directory_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        answer = bytearray(17)                # struct fsuuid2: a length, then 16 bytes
+        fcntl.ioctl(fd, _libc.FS_IOC_GETFSUUID, answer)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+            return None
+        raise
+    finally:
+        os.close(fd)
+    return bytes(answer[1:17]) if answer[0] == 16 else None

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from cowfs import _at, _libc, durability, lookup, whiteout
 from cowfs.copyup import UPPER, CopyUp, CopyUpSteps, Staging
-from cowfs.layers import LayerStack
+from cowfs.layers import Layer, LayerStack
 from cowfs.lookup import Directory, DirectoryFds, Entry, Listing, Name
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,7 @@ class Union:
         self._entries: weakref.WeakValueDictionary[tuple[Directory, str], Entry] = \
             weakref.WeakValueDictionary()
         self._files: weakref.WeakValueDictionary[int, Entry] = weakref.WeakValueDictionary()
+        self._handle_anchors: dict[int, int] = {}    # st_dev -> fd, for open_by_handle_at
         self._copy_up: CopyUp | None = None
         self.durability: durability.Durability | None = None
         self.index_fd: int | None = None
@@ -128,6 +129,9 @@ class Union:
             if self.durability is not None:
                 self.durability.close()
         finally:
+            for fd in self._handle_anchors.values():
+                os.close(fd)
+            self._handle_anchors.clear()
             self.fds.close_all()
             self.stack.close()
 
@@ -172,6 +176,7 @@ class Union:
         found = lookup.lookup(self.fds, directory, name, upper=self.upper, listing=listing)
         if found is None:
             return None
+        self._read_kernel_origin(found)
         self._check_indexed_copy(found)
         self._find_index(found)
         entry = self._same_file(found)
@@ -192,6 +197,43 @@ class Union:
         known.removed = False
         known.stat = found.stat
         return known
+
+    def _read_kernel_origin(self, entry: Entry) -> None:
+        """An upper copy the kernel made carries its `overlay.origin` (a lower file's handle)
+        and not cowfs's number: show the lower file's number, as the kernel does (for a
+        directory, or a file the lower layer gave one name)."""
+        if self.upper is None or entry.layer != UPPER or entry.origin_ino is not None:
+            return                   # (the kernel reads no origin in a lower layer either)
+        directory_fd, name = entry.location(self.fds)
+        decoded = whiteout.decode_origin(
+            _at.get_xattr(directory_fd, name, self.stack.xattr_prefix + whiteout.ORIGIN))
+        if decoded is None:
+            return
+        tried: set[int] = set()
+        for layer in self.stack.lowers:
+            if layer.st_dev in tried:
+                continue
+            tried.add(layer.st_dev)
+            try:
+                fd = _libc.open_by_handle_at(self._handle_anchor(layer), *decoded,
+                                             os.O_PATH | os.O_CLOEXEC)
+            except OSError:      # not of this filesystem, gone, or no privilege to decode
+                continue
+            try:
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
+                entry.origin_ino = self.numbers.number(st)
+            return
+
+    def _handle_anchor(self, layer: Layer) -> int:
+        """A plain fd on *layer*'s root (open_by_handle_at refuses O_PATH ones), kept open."""
+        fd = self._handle_anchors.get(layer.st_dev)
+        if fd is None:
+            fd = os.open(_at.fd_path(layer.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._handle_anchors[layer.st_dev] = fd
+        return fd
 
     def _check_indexed_copy(self, entry: Entry) -> None:
         """An upper copy of a file with several lower names keeps their number only while
@@ -548,6 +590,8 @@ class Union:
             if isinstance(target, Directory):
                 self.fds.discard(target)
         self._move(source, source_name, new_directory, new_name, has_lower=covers_lower)
+        if source.origin_ino is not None or (isinstance(source, Directory) and source.places):
+            self.marks.set_impure(target_parent_fd)   # as the kernel, for its readdir
         log.debug("rename(%r, %r)", name, new_name)
         return target
 

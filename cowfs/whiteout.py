@@ -150,6 +150,34 @@ def read_origin_ino(dir_fd: int, name: str | None) -> int | None:
         return None
 
 
+# The kernel's overlay.origin: the copied-up lower file's handle, so that the kernel shows the
+# lower inode number for the copy. Layout (notes/kernel-format.md): version 0, magic 0xfb, the
+# total length, flags (0: little-endian fid), the fid type; the filesystem's 16-byte uuid; the
+# fid itself.
+ORIGIN = "origin"
+IMPURE = "impure"
+_ORIGIN_MAGIC = 0xFB
+_ORIGIN_HEADER_BYTES = 5
+_UUID_BYTES = 16
+_ORIGIN_FLAG_PATH_UPPER = 1 << 2    # a handle of an upper file: not a lower origin
+
+
+def encode_origin(uuid: bytes, handle_type: int, handle: bytes) -> bytes:
+    length = _ORIGIN_HEADER_BYTES + _UUID_BYTES + len(handle)
+    return bytes([0, _ORIGIN_MAGIC, length, 0, handle_type]) + uuid + handle
+
+
+def decode_origin(value: bytes | None) -> tuple[int, bytes] | None:
+    """(fid type, fid) of an overlay.origin value; None when it is none or not understood."""
+    if value is None or len(value) <= _ORIGIN_HEADER_BYTES + _UUID_BYTES:
+        return None
+    version, magic, length, flags, handle_type = value[:_ORIGIN_HEADER_BYTES]
+    if version != 0 or magic != _ORIGIN_MAGIC or length != len(value) \
+            or flags & _ORIGIN_FLAG_PATH_UPPER:
+        return None
+    return handle_type, bytes(value[_ORIGIN_HEADER_BYTES + _UUID_BYTES:])
+
+
 def read_metacopy(dir_fd: int, name: str) -> bytes | None:
     """The `overlay.metacopy` mark of a file, None for none.
 
@@ -261,6 +289,15 @@ class Marks:
                 except OSError as exc:
                     if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
                         raise
+
+    def set_origin(self, dir_fd: int, name: str | None, value: bytes) -> None:
+        self._set(dir_fd, name, ORIGIN, value)
+
+    def set_impure(self, dir_fd: int) -> None:
+        """The kernel's mark on a directory holding entries whose number is not their upper
+        inode's (copies with an origin): its readdir then looks their numbers up."""
+        if read_overlay_xattr(dir_fd, None, IMPURE) is None:
+            self._set(dir_fd, None, IMPURE, b"y")
 
     def record_origin_ino(self, dir_fd: int, name: str | None, ino: int) -> None:
         self._set(dir_fd, name, ORIGIN_INO, str(ino).encode())

@@ -182,3 +182,40 @@ def test_a_chmod_of_a_lower_file_with_two_names_copies_no_data(layer_dirs) -> No
         assert (merged / "big").read_bytes() == b"xxx"
     with kernel_overlay([lower], merged, upper, "metacopy=on,index=on"):
         assert (merged / "big").read_bytes() == b"xxx"
+
+
+def numbers(root: Path, paths: list[str]) -> dict[str, tuple[int, int]]:
+    """st_ino of each path, and the d_ino its directory's listing gives it."""
+    found = {}
+    for path in paths:
+        parent = (root / path).parent
+        listed = {entry.name: entry.inode() for entry in os.scandir(parent)}
+        found[path] = (os.lstat(root / path).st_ino, listed[Path(path).name])
+    return found
+
+
+@pytest.mark.parametrize("writer", ["cowfs", "kernel"])
+def test_a_copied_up_file_keeps_its_number_whichever_implementation_reads(
+        layer_dirs, writer: str) -> None:
+    """The kernel's overlay.origin (file handle and filesystem uuid) is written and read: a
+    copy shows the lower file's inode number under cowfs and under the kernel alike."""
+    lower, upper, merged = layer_dirs("lower", "upper", "merged")
+    make_lower(lower)
+    paths = ["file", "dir", "dir/inner"]
+    lower_numbers = {path: os.lstat(lower / path).st_ino for path in paths}
+    if writer == "cowfs":
+        with mounted_cowfs([lower], merged, upper) as mount:
+            os.chmod(merged / "file", 0o600)
+            os.chown(merged / "dir" / "inner", 1000, 1000)
+            mount.unmount()
+        assert "trusted.overlay.origin" in os.listxattr(upper / "file")
+        assert os.getxattr(upper / "dir", "trusted.overlay.impure") == b"y"
+        reader = kernel_overlay([lower], merged, upper, "metacopy=on")
+    else:
+        with kernel_overlay([lower], merged, upper):
+            os.chmod(merged / "file", 0o600)
+            os.chown(merged / "dir" / "inner", 1000, 1000)
+        reader = mounted_cowfs([lower], merged, upper)
+    with reader:
+        assert numbers(merged, paths) == {path: (number, number)
+                                          for path, number in lower_numbers.items()}
