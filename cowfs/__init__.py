@@ -8,6 +8,7 @@ from cowfs.handle import Mounted, MountError, mount_stack, mounted, open_mounted
 from cowfs.layers import LayerStack, LayoutError, open_stack, parse_lowerdirs
 from cowfs.lookup import Directory, Entry, Name
 from cowfs.union import Union
+from cowfs.whiteout import FormatOptions
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "Directory",
     "Entry",
+    "FormatOptions",
     "ImageError",
     "LayerError",
     "LayerStack",

@@ -29,8 +29,10 @@ from cowfs.layers import (
     read_mountinfo,
     unmount,
 )
+from cowfs.whiteout import FormatOptions
 
 UNMOUNT_TIMEOUT_S = 30.0
+DEFAULT_FORMAT = FormatOptions()
 
 
 class MountError(Exception):
@@ -70,14 +72,17 @@ class Mounted:
 def mounted(lowers: Sequence[str], mountpoint: str, *, upper: str | None = None,
             workdir: str | None = None, fsync: str = durability.BATCH,
             uidmapping: Sequence[tuple[int, int, int]] = (),
-            gidmapping: Sequence[tuple[int, int, int]] = ()) -> Iterator[Mounted]:
+            gidmapping: Sequence[tuple[int, int, int]] = (),
+            format_options: FormatOptions = DEFAULT_FORMAT) -> Iterator[Mounted]:
     """Mount *lowers* (topmost first) with an optional writable *upper* at *mountpoint*.
 
-    *uidmapping*/*gidmapping* are (disk id, view id, count) triples (`cowfs.idmap`). Raises
+    *uidmapping*/*gidmapping* are (disk id, view id, count) triples (`cowfs.idmap`);
+    *format_options* the kernel's metacopy=, redirect_dir= and index= (`FormatOptions`). Raises
     MountError or LayoutError before anything is mounted; unmounts on exit.
     """
     handle = mount_stack(lowers, mountpoint, upper=upper, workdir=workdir, fsync=fsync,
-                         uidmapping=tuple(uidmapping), gidmapping=tuple(gidmapping))
+                         uidmapping=tuple(uidmapping), gidmapping=tuple(gidmapping),
+                         format_options=format_options)
     try:
         yield handle
     finally:
@@ -88,12 +93,14 @@ def mounted(lowers: Sequence[str], mountpoint: str, *, upper: str | None = None,
 async def open_mounted(lowers: Sequence[str], mountpoint: str, *, upper: str | None = None,
                        workdir: str | None = None, fsync: str = durability.BATCH,
                        uidmapping: Sequence[tuple[int, int, int]] = (),
-                       gidmapping: Sequence[tuple[int, int, int]] = ()
+                       gidmapping: Sequence[tuple[int, int, int]] = (),
+                       format_options: FormatOptions = DEFAULT_FORMAT
                        ) -> AsyncIterator[Mounted]:
     """`mounted` for trio programs: the mount and unmount wait without blocking the loop."""
     import trio
     command = _mount_command(lowers, mountpoint, upper=upper, workdir=workdir, fsync=fsync,
-                             uidmapping=tuple(uidmapping), gidmapping=tuple(gidmapping))
+                             uidmapping=tuple(uidmapping), gidmapping=tuple(gidmapping),
+                             format_options=format_options)
     result = await trio.run_process(command, capture_stderr=True, check=False,
                                     stdin=subprocess.DEVNULL)
     if result.returncode != 0:
@@ -110,19 +117,22 @@ async def open_mounted(lowers: Sequence[str], mountpoint: str, *, upper: str | N
 def mount_stack(lowers: Sequence[str], mountpoint: str, *, upper: str | None = None,
                 workdir: str | None = None, fsync: str = durability.BATCH,
                 uidmapping: tuple[tuple[int, int, int], ...] = (),
-                gidmapping: tuple[tuple[int, int, int], ...] = ()) -> Mounted:
+                gidmapping: tuple[tuple[int, int, int], ...] = (),
+                format_options: FormatOptions = DEFAULT_FORMAT) -> Mounted:
     """`mounted` without the `with`: the caller unmounts the handle it gets."""
     if fsync not in durability.MODES:
         raise MountError(f"fsync must be one of {', '.join(durability.MODES)}, not {fsync!r}", 2)
     if threading.active_count() > 1:
         command = _mount_command(lowers, mountpoint, upper=upper, workdir=workdir, fsync=fsync,
-                                 uidmapping=uidmapping, gidmapping=gidmapping)
+                                 uidmapping=uidmapping, gidmapping=gidmapping,
+                                 format_options=format_options)
         result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
                                 text=True, check=False)
         if result.returncode != 0:
             raise MountError(result.stderr.strip().removeprefix("cowfs: "), result.returncode)
         return Mounted(os.path.realpath(mountpoint))
-    stack = open_stack(list(lowers), upper, workdir, mountpoint=mountpoint)
+    stack = open_stack(list(lowers), upper, workdir, mountpoint=mountpoint,
+                       format_options=format_options)
     path = os.path.realpath(mountpoint)
     options = daemon.MountOptions(readonly=upper is None, fsync=fsync,
                                   uids=IdMap(uidmapping), gids=IdMap(gidmapping))
@@ -135,9 +145,10 @@ def mount_stack(lowers: Sequence[str], mountpoint: str, *, upper: str | None = N
 def _mount_command(lowers: Sequence[str], mountpoint: str, *, upper: str | None,
                    workdir: str | None, fsync: str,
                    uidmapping: tuple[tuple[int, int, int], ...],
-                   gidmapping: tuple[tuple[int, int, int], ...]) -> list[str]:
+                   gidmapping: tuple[tuple[int, int, int], ...],
+                   format_options: FormatOptions) -> list[str]:
     lowerdir = format_lowerdirs(list(lowers))
-    options = [f"fsync={fsync}"]
+    options = [f"fsync={fsync}", *format_options.as_options()]
     for name, triples in (("uidmapping", uidmapping), ("gidmapping", gidmapping)):
         if triples:
             options.append(f"{name}=" + ":".join(f"{disk}:{view}:{count}"

@@ -234,6 +234,11 @@ class FormatOptions:
     def follows_redirects(self) -> bool:
         return self.redirect_dir != "nofollow"
 
+    def as_options(self) -> list[str]:
+        """The `-o` options that choose this."""
+        return [f"metacopy={'on' if self.metacopy else 'off'}",
+                f"redirect_dir={self.redirect_dir}", f"index={'on' if self.index else 'off'}"]
+
     @classmethod
     def from_options(cls, *, metacopy: bool | None = None, redirect_dir: str | None = None,
                      index: bool | None = None) -> "FormatOptions":

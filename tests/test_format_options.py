@@ -219,3 +219,30 @@ def test_a_copied_up_file_keeps_its_number_whichever_implementation_reads(
     with reader:
         assert numbers(merged, paths) == {path: (number, number)
                                           for path, number in lower_numbers.items()}
+
+
+@pytest.mark.parametrize("forked", [True, False])
+def test_the_library_takes_the_format_options(layer_dirs, forked: bool) -> None:
+    """`cowfs.mounted(format_options=...)`, forked or through `cowfs mount` (a threaded
+    caller): a lower directory cannot move without redirects."""
+    import threading
+
+    import cowfs
+    lower, upper, merged = layer_dirs("lower", "upper", "merged")
+    make_lower(lower)
+    chosen = cowfs.FormatOptions.from_options(metacopy=False, redirect_dir="off")
+    stop = threading.Event()
+    helper = None if forked else threading.Thread(target=stop.wait)
+    if helper is not None:
+        helper.start()
+    try:
+        with cowfs.mounted([str(lower)], str(merged), upper=str(upper), format_options=chosen):
+            with pytest.raises(OSError) as refused:
+                os.rename(merged / "dir", merged / "moved")
+            assert refused.value.errno == 18                    # EXDEV
+            os.chmod(merged / "file", 0o600)
+    finally:
+        stop.set()
+        if helper is not None:
+            helper.join()
+    assert METACOPY not in os.listxattr(upper / "file")
