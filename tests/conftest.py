@@ -156,6 +156,26 @@ def mounted_overlay(lowers: list[Path], merged: Path) -> Iterator[Path]:
         unmount_quietly(merged)
 
 
+@contextlib.contextmanager
+def kernel_overlay(lowers: list[Path], merged: Path, upper: Path | None = None,
+                   options: str = "") -> Iterator[Path]:
+    """`mount -t overlay` with *options* (none: the kernel's defaults), a fresh workdir beside
+    *upper*; always unmounted."""
+    parts = [f"lowerdir={':'.join(map(str, lowers))}"]
+    if upper is not None:
+        workdir = upper.parent / f".{upper.name}.kernel-work"
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir()
+        parts += [f"upperdir={upper}", f"workdir={workdir}"]
+    parts += [option for option in options.split(",") if option]
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", ",".join(parts), str(merged)],
+                   check=True, capture_output=True)
+    try:
+        yield merged
+    finally:
+        unmount_quietly(merged)
+
+
 @pytest.fixture
 def layer_dirs(tmp_path: Path):
     """A factory of fresh directories under tmp_path: layer_dirs('l1', 'l2')."""

@@ -1,15 +1,13 @@
 """The kernel overlay's format options, with the kernel's meaning: metacopy=, redirect_dir=,
 index=. Each behaviour is compared with `mount -t overlay` given the same options."""
 
-import contextlib
 import os
 import stat
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import cowfs_command, mounted_cowfs, unmount_quietly
+from conftest import cowfs_command, kernel_overlay, mounted_cowfs
 
 from cowfs.options import OptionError, parse
 
@@ -52,25 +50,6 @@ def test_bad_format_options_are_refused(given: str, message: str, tmp_path: Path
     assert result.returncode == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert sorted(tmp_path.rglob("*")) == before, "a refused mount makes nothing"
-
-
-@contextlib.contextmanager
-def kernel_overlay(lowers: list[Path], merged: Path, upper: Path | None = None,
-                   options: str = "") -> Iterator[Path]:
-    """`mount -t overlay` with *options* (none: the kernel's defaults) and a fresh workdir."""
-    parts = [f"lowerdir={':'.join(map(str, lowers))}"]
-    if upper is not None:
-        workdir = upper.parent / f".{upper.name}.kernel-work"
-        subprocess.run(["rm", "-rf", str(workdir)], check=True)
-        workdir.mkdir()
-        parts += [f"upperdir={upper}", f"workdir={workdir}"]
-    parts += [option for option in options.split(",") if option]
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", ",".join(parts), str(merged)],
-                   check=True, capture_output=True)
-    try:
-        yield merged
-    finally:
-        unmount_quietly(merged)
 
 
 def view(root: Path) -> dict[str, object]:

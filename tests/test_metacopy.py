@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import cowfs_command, mounted_cowfs, unmount_quietly
+from conftest import kernel_overlay as mounted_kernel
 
 pytestmark = pytest.mark.mounts
 
@@ -41,22 +42,10 @@ def background_cowfs(layers: str, *more: str) -> Iterator[None]:
         unmount_quietly(more[-1])
 
 
-@contextlib.contextmanager
 def kernel_overlay(lowers: list[Path], merged: Path, upper: Path | None = None
-                   ) -> Iterator[Path]:
-    """The kernel's overlayfs reading metacopies and redirects, with a fresh workdir."""
-    options = [f"lowerdir={':'.join(map(str, lowers))}", "metacopy=on", "redirect_dir=on"]
-    if upper is not None:
-        workdir = upper.parent / f".{upper.name}.kernel-work"
-        subprocess.run(["rm", "-rf", str(workdir)], check=True)
-        workdir.mkdir()
-        options[1:1] = [f"upperdir={upper}", f"workdir={workdir}"]
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", ",".join(options), str(merged)],
-                   check=True, capture_output=True)
-    try:
-        yield merged
-    finally:
-        unmount_quietly(merged)
+                   ) -> contextlib.AbstractContextManager[Path]:
+    """The kernel's overlayfs reading metacopies and redirects."""
+    return mounted_kernel(lowers, merged, upper, "metacopy=on,redirect_dir=on")
 
 
 def make_metacopy(path: Path, size: int, *, value: bytes = b"",
