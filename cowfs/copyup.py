@@ -77,7 +77,8 @@ def copy_data(source_fd: int, target_fd: int, size: int) -> tuple[bool, int]:
         _copy_range(source_fd, target_fd, data, hole - data)
         copied += hole - data
         offset = hole
-    os.ftruncate(target_fd, size)
+    if os.fstat(target_fd).st_size != size:    # a hole at the end; else no new mtime
+        os.ftruncate(target_fd, size)
     return False, copied
 
 
@@ -184,6 +185,8 @@ class CopyUp:
     def upper_directory(self, directory: Directory) -> int:
         """The fd of *directory*'s upper copy, copying it (and its parents) up if missing."""
         if directory.layers[0] == UPPER:
+            if directory.pinned_fd is not None:    # removed: who holds it still reaches it
+                return directory.pinned_fd
             return self.fds.fd(directory, UPPER)
         assert not directory.is_root, "the root always has an upper copy"
         own_name = directory.own_name
@@ -215,6 +218,20 @@ class CopyUp:
         self.marks.set_redirect(self.fds.fd(directory, UPPER), None, value)
         directory.places.update(places)
         log.debug("redirect %r -> %s", directory.name, value)
+
+    def redirect_metacopy(self, entry: Entry) -> None:
+        """Before a metadata-only copy moves or gets another name, point it at its data by
+        path from the layer root, as the kernel does (`overlay.redirect` on the file), so that
+        every name finds the data after a remount, under either implementation."""
+        if not entry.metacopy or entry.data is None:
+            return
+        layer, place = entry.data
+        if isinstance(place, str):
+            assert entry.data_parent is not None
+            place = (*self.layer_path(entry.data_parent, layer), place)
+            entry.data, entry.data_parent = (layer, place), None
+        directory_fd, name = entry.location(self.fds)
+        self.marks.set_redirect(directory_fd, name, "/" + "/".join(place))
 
     def layer_path(self, directory: Directory, layer: int) -> tuple[str, ...]:
         """The path from the root of *layer* to *directory*'s copy there."""
@@ -310,7 +327,9 @@ class CopyUp:
         """Fill a metadata-only upper copy with its data, then drop the metacopy mark.
 
         Until the mark goes, readers use the lower data: a crash half-way changes nothing.
-        Writing data drops security.capability, so it is put back, as the kernel does.
+        Writing data drops security.capability, so it is put back, as the kernel does. The
+        times are not put back: writing the data stamps mtime and ctime, which the kernel
+        shows too (an open for write of a metacopy file is a change to it, as it is there).
         """
         started = time.perf_counter()
         directory_fd, name = entry.location(self.fds)
@@ -325,7 +344,6 @@ class CopyUp:
         if capability is not None:
             os.setxattr(path, _CAPABILITY, capability, follow_symlinks=follow)
         self.marks.clear_metacopy(directory_fd, name)
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=follow)
         if name is not None:
             self.durability.changed(directory_fd)
         entry.metacopy, entry.data, entry.data_parent = False, None, None

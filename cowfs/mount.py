@@ -91,12 +91,18 @@ def _describe(argument: object) -> str:
 
 
 class DirectoryHandle:
-    """An open directory: its listing, fixed at opendir and served by position."""
+    """An open directory: its listing, served by position. It is read at each readdir from
+    position 0 (the first, and each after rewinddir(3)), so it shows what was made since
+    opendir, as the kernel's overlay does."""
 
     __slots__ = ("listing", "names", "node")
 
-    def __init__(self, node: Node, listing: Listing) -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
+        self.listing: Listing | None = None
+        self.names: list[str] = []
+
+    def use(self, listing: Listing) -> None:
         self.listing = listing
         self.names = [".", "..", *listing.names]
 
@@ -279,7 +285,7 @@ class Operations(pyfuse3.Operations):
     async def opendir(self, inode: pyfuse3.InodeT,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
         node = self._directory_node(inode)
-        handle = DirectoryHandle(node, self.union.read_listing(node.entry))
+        handle = DirectoryHandle(node)
         handle_id = self._new_handle()
         self._directory_handles[handle_id] = handle
         return pyfuse3.FileHandleT(handle_id)
@@ -289,6 +295,8 @@ class Operations(pyfuse3.Operations):
                       token: pyfuse3.ReaddirToken) -> None:
         handle = self._directory_handles[fh]
         directory = handle.node.entry
+        if start_id == 0 or handle.listing is None:
+            handle.use(self.union.read_listing(directory))
         for position in range(start_id, len(handle.names)):
             name = handle.names[position]
             if position < 2:
@@ -467,7 +475,7 @@ class Operations(pyfuse3.Operations):
         check_new_name(os.fsdecode(new_name))       # before the copy-up below
         node = self.nodes.get(inode)
         parent = self._directory_node(new_parent_inode)
-        await self._copy_up(node.entry)
+        await self._copy_up(node.entry, data=False)    # as the kernel: no data for a link
         entry = self.union.link(node.entry, parent.entry, os.fsdecode(new_name))
         return self._reply_entry(entry)
 
@@ -494,8 +502,9 @@ class Operations(pyfuse3.Operations):
         new_parent = self._directory_node(parent_inode_new)
         source = self.union.lookup(old_parent.entry, os.fsdecode(name_old))
         if source is not None:
-            await self._copy_up(source, name=source.name_in(old_parent.entry,
-                                                            os.fsdecode(name_old)))
+            # No data, as the kernel: a renamed lower file is a metacopy where allowed.
+            await self._copy_up(source, data=False, name=source.name_in(
+                old_parent.entry, os.fsdecode(name_old)))
         if flags & pyfuse3.RENAME_EXCHANGE:
             await self._settle(self.union.lookup(new_parent.entry, os.fsdecode(name_new)))
         else:

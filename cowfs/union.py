@@ -506,7 +506,8 @@ class Union:
             raise _error(errno.EEXIST, new_name)
         if entry.removed:
             raise _error(errno.ENOENT, new_name)   # as link(2) of a file with no names left
-        self._copy_up_entry(entry)
+        self._copy_up_entry(entry, data=False)     # as the kernel: a metacopy may be linked
+        self._writer().redirect_metacopy(entry)
         source_fd, source_name = entry.location(self.fds)
 
         def make(directory_fd: int, staged_name: str) -> None:
@@ -568,7 +569,8 @@ class Union:
         if target is not None and target_name is not None and not target.is_directory:
             self._copy_up_linked_lower(target, target_name)
         writer = self._writer()
-        self._copy_up_entry(source, name=source_name)
+        self._copy_up_entry(source, data=False, name=source_name)
+        writer.redirect_metacopy(source)
         source_parent_fd = writer.upper_directory(directory)
         target_parent_fd = writer.upper_directory(new_directory)
         covers_lower = target_name.has_lower if target_name is not None else \
@@ -601,7 +603,7 @@ class Union:
         """Before a lower file with several names loses *name*: its other names must see one
         name fewer, and the index, which only an upper copy has, keeps that count."""
         if entry.layer != UPPER and entry.stat.st_nlink > 1 and self.index_fd is not None:
-            self._copy_up_entry(entry, name=name)
+            self._copy_up_entry(entry, data=False, name=name)
 
     def _copy_up_entry(self, entry: Entry, *, data: bool = True, name: Name | None = None
                        ) -> None:
@@ -839,8 +841,10 @@ class Union:
                   target_name: Name) -> None:
         """RENAME_EXCHANGE: both names stay, each showing the other's entry."""
         writer = self._writer()
-        self._copy_up_entry(source, name=source_name)
-        self._copy_up_entry(target, name=target_name)
+        self._copy_up_entry(source, data=False, name=source_name)
+        self._copy_up_entry(target, data=False, name=target_name)
+        writer.redirect_metacopy(source)
+        writer.redirect_metacopy(target)
         source_parent, target_parent = source_name.parent, target_name.parent
         old_source, old_target = source_name.name, target_name.name
         source_fd = writer.upper_directory(source_parent)

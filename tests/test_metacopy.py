@@ -318,6 +318,31 @@ def all_names(layers: Layers) -> list[str]:
     return sorted(names)
 
 
+def test_rename_and_link_of_a_lower_file_copy_no_data(layer_dirs) -> None:
+    """As the kernel: a renamed or linked lower file is a metacopy whose redirect names its
+    data's path, so that every name finds the data after a remount, under either reader."""
+    lower, upper, merged = layer_dirs("lower", "upper", "merged")
+    (lower / "dir").mkdir()
+    (lower / "moved").write_bytes(b"m" * 100_000)
+    (lower / "dir" / "linked").write_bytes(b"l" * 100_000)
+    with background_cowfs(str(lower), str(upper), str(merged)):
+        os.rename(merged / "moved", merged / "dir" / "moved")
+        os.link(merged / "dir" / "linked", merged / "linked too")
+    for name, data_path in (("dir/moved", b"/moved"), ("dir/linked", b"/dir/linked"),
+                            ("linked too", b"/dir/linked")):
+        assert os.getxattr(upper / name, METACOPY) == b""
+        assert os.getxattr(upper / name, REDIRECT) == data_path
+        assert os.lstat(upper / name).st_blocks <= 8, "no data copied"
+    expected = {"dir/moved": b"m" * 100_000, "dir/linked": b"l" * 100_000,
+                "linked too": b"l" * 100_000}
+    for reader in (lambda: kernel_overlay([lower], merged, upper=upper),
+                   lambda: kernel_overlay([upper, lower], merged),
+                   lambda: mounted_cowfs([upper, lower], merged)):
+        with reader():
+            assert {name: (merged / name).read_bytes() for name in expected} == expected
+            assert not (merged / "moved").exists()
+
+
 def test_lower_metacopies_and_redirects_as_the_kernel_answers(layer_dirs) -> None:
     top, middle, bottom, merged = layer_dirs("top", "middle", "bottom", "merged")
     layers = (top, middle, bottom)

@@ -47,6 +47,10 @@ POOL_SIZES = ((3, 5), (1, 3), (1, 2))
 LOWER_NAMES = ("a", "b", "a b", "c:d", "x:y z", " lead", "e,f", "ü", "d", "f")
 # Names no lower layer has: the operations add them beside the pool names.
 FRESH_NAMES = ("new", "n:w x")
+# Names that would mark a whiteout or an opaque directory in a layer's OCI dialect: made
+# through the mount, cowfs refuses them (EINVAL) where the kernel makes an ordinary file. The
+# oracle never makes them (see marker_refusal).
+MARKER_NAMES = (".wh.a", ".wh..wh..opq")
 SYMLINK_TARGETS = ("/etc/passwd", "nowhere", "../a", "a b", "c:d/x", ".")
 OWNERS = (0, 1000, 65534)
 INTERESTING_MODES = (0o644, 0o755, 0o600, 0o444, 0o000, 0o4755, 0o2755, 0o6711, 0o1777)
@@ -113,7 +117,7 @@ def _directory(draw: st.DrawFn, pools: list[list[str]], depth: int,
 
 
 @st.composite
-def _layer(draw: st.DrawFn, pools: list[list[str]]) -> Dir:
+def _layer(draw: st.DrawFn, pools: list[list[str]], hard_links: bool) -> Dir:
     # The kernel ignores opaque=y on a layer root, so a root is never marked so.
     root = draw(_directory(pools, 0, ["", "", "x"]))
     entries = list(walk(root))
@@ -127,7 +131,7 @@ def _layer(draw: st.DrawFn, pools: list[list[str]]) -> Dir:
         if free:
             name = draw(st.sampled_from(free))
             # Turned off, the same choices are drawn: saved examples still replay.
-            if LOWER_HARD_LINKS:
+            if hard_links:
                 directory.children[name] = HardLink(target)
     return root
 
@@ -147,12 +151,13 @@ class WriteStack:
 
 
 @st.composite
-def write_stacks(draw: st.DrawFn) -> WriteStack:
+def write_stacks(draw: st.DrawFn, *, lower_hard_links: bool = True) -> WriteStack:
     """2 or 3 lower layers over the same small pools of names."""
     pools = [draw(st.lists(st.sampled_from(LOWER_NAMES), min_size=low, max_size=high,
                            unique=True)) for low, high in POOL_SIZES]
     count = draw(st.integers(2, 3))
-    lowers = Stack("kernel", [draw(_layer(pools)) for _ in range(count)])
+    hard_links = lower_hard_links and LOWER_HARD_LINKS
+    lowers = Stack("kernel", [draw(_layer(pools, hard_links)) for _ in range(count)])
     names = list(dict.fromkeys(name for pool in pools for name in pool))
     return WriteStack(lowers, names + [name for name in FRESH_NAMES if name not in names])
 
@@ -199,40 +204,35 @@ def escape_layer_path(path: Path) -> str:
     return str(path).replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
 
 
-@contextlib.contextmanager
-def mounted_kernel_overlay(lowers: list[Path], upper: Path, workdir: Path, merged: Path, *,
-                           metacopy: bool = False) -> Iterator[Path]:
-    """The kernel's writable overlayfs; always unmounted (umount, then umount -l).
-
-    redirect_dir=on: a lower directory can be renamed (else EXDEV).
-
-    index=on: two names of one lower inode stay one inode after either is copied up, as cowfs
-    keeps them (DESIGN.md, inode numbers). With index=off the kernel copies up the name written
-    through and leaves the other on the lower inode, which a FUSE filesystem cannot copy: its
-    node is the inode, and a write names no path. The index changes nothing else (a sequence
-    without lower hard links is the same with index=off), but it lives in the workdir: the
-    upper alone then no longer holds a copied-up lower hard link's other names.
-
-    metacopy=off to write: the kernel with metacopy=on stamps a file's mtime when it copies up
-    the data of a metadata-only copy (opening it for write, even with nothing written), which
-    a full copy-up does not; the view is otherwise the same. *metacopy* to read an upper that
-    cowfs wrote: it copies only metadata up for chmod, chown and the like (DESIGN.md, speed),
-    and the kernel refuses such a file (EPERM) unless mounted with metacopy=on.
-    """
-    options = ",".join([
-        "lowerdir=" + ":".join(escape_layer_path(path) for path in lowers),
-        f"upperdir={escape_layer_path(upper)}",
-        f"workdir={escape_layer_path(workdir)}",
-        "redirect_dir=on", "index=on", f"metacopy={'on' if metacopy else 'off'}",
-    ])
-    result = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(merged)],
+def _mount_kernel_overlay(options: list[str], merged: Path) -> Iterator[Path]:
+    joined = ",".join(option for option in options if option)
+    result = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", joined, str(merged)],
                             capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"mount -t overlay -o {options} {merged}: {result.stderr.strip()}")
+        raise RuntimeError(f"mount -t overlay -o {joined} {merged}: {result.stderr.strip()}")
     try:
         yield merged
     finally:
         unmount_quietly(merged)
+
+
+@contextlib.contextmanager
+def mounted_kernel_overlay(lowers: list[Path], upper: Path, workdir: Path, merged: Path, *,
+                           options: str) -> Iterator[Path]:
+    """The kernel's writable overlayfs with *options*; always unmounted (umount, then -l)."""
+    yield from _mount_kernel_overlay([
+        "lowerdir=" + ":".join(escape_layer_path(path) for path in lowers),
+        f"upperdir={escape_layer_path(upper)}",
+        f"workdir={escape_layer_path(workdir)}",
+        options,
+    ], merged)
+
+
+@contextlib.contextmanager
+def mounted_kernel_layers(layers: list[Path], merged: Path, *, options: str) -> Iterator[Path]:
+    """The kernel's read-only overlayfs over *layers* (top first): an upper stacked as a lower."""
+    yield from _mount_kernel_overlay(
+        ["lowerdir=" + ":".join(escape_layer_path(path) for path in layers), options], merged)
 
 
 # -- the merged tree as seen through the VFS -----------------------------------------------------
@@ -379,12 +379,15 @@ def _write_all(fd: int, data: bytes, offset: int | None = None) -> int:
     return written
 
 
-def op_stat(root: str, path: str) -> object:
-    """lstat(2): a lookup after the changes (a stale cached entry or attribute shows here)."""
-    st_ = os.lstat(os.path.join(root, path))
+def _stat_summary(st_: os.stat_result) -> object:
     is_directory = stat.S_ISDIR(st_.st_mode)
     return (f"{st_.st_mode:#o}", st_.st_uid, st_.st_gid,
             None if is_directory else st_.st_size, None if is_directory else st_.st_nlink)
+
+
+def op_stat(root: str, path: str) -> object:
+    """lstat(2): a lookup after the changes (a stale cached entry or attribute shows here)."""
+    return _stat_summary(os.lstat(os.path.join(root, path)))
 
 
 def op_create(root: str, path: str, flags: int, mode: int, data: bytes) -> object:
@@ -493,12 +496,177 @@ def op_removexattr(root: str, path: str, attribute: str) -> object:
     return None
 
 
+def op_forget(root: str) -> object:
+    """Drop every unused dentry and inode (both mounts' and the system's): the next call looks
+    its names up afresh, and cowfs gets FORGET for nodes the kernel no longer holds."""
+    with open("/proc/sys/vm/drop_caches", "w") as control:
+        control.write("2")
+    return None
+
+
 OPERATIONS: dict[str, Callable[..., object]] = {
     "stat": op_stat, "create": op_create, "write": op_write, "ftruncate": op_ftruncate,
     "truncate": op_truncate, "chmod": op_chmod, "chown": op_chown, "utime": op_utime,
     "mknod": op_mknod, "mkdir": op_mkdir, "symlink": op_symlink, "link": op_link,
     "unlink": op_unlink, "rmdir": op_rmdir, "rename": op_rename, "setxattr": op_setxattr,
-    "removexattr": op_removexattr,
+    "removexattr": op_removexattr, "forget": op_forget,
+}
+# forget changes the caches of both mounts at once: the subject's call would do nothing new.
+GLOBAL_OPERATIONS = {"forget"}
+
+
+# -- descriptors held open across steps -----------------------------------------------------
+
+SLOTS = 3
+OPEN_MODES = {
+    "read": os.O_RDONLY, "write": os.O_RDWR, "truncate": os.O_RDWR | os.O_TRUNC,
+    "directory": os.O_RDONLY | os.O_DIRECTORY,
+}
+
+
+FILE_MODES = ("read", "write", "truncate")
+WRITABLE_MODES = ("write", "truncate")
+
+
+class Handles:
+    """One side's descriptors that stay open across steps, by slot: unlink, rename and
+    rename-over of their names must not change which file they reach."""
+
+    def __init__(self) -> None:
+        self.fds: dict[int, int] = {}
+        self.modes: dict[int, str] = {}
+
+    def fd(self, slot: int) -> int:
+        """The slot's descriptor: EBADF when nothing is open there."""
+        if slot not in self.fds:
+            raise OSError(errno.EBADF, "nothing open in this slot")
+        return self.fds[slot]
+
+    def close(self, slot: int) -> None:
+        self.modes.pop(slot, None)
+        fd = self.fds.pop(slot, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close_all(self) -> None:
+        """Before the unmount: an open descriptor would keep the mount busy."""
+        for slot in list(self.fds):
+            self.close(slot)
+
+
+def _seen_fd(fd: int) -> object:
+    """What fstat(2) and the fd's xattrs show, compared as the trees' entries are."""
+    st_ = os.fstat(fd)
+    is_directory = stat.S_ISDIR(st_.st_mode)
+    xattrs = tuple((name, os.getxattr(fd, name))
+                   for name in sorted(os.listxattr(fd)) if name.startswith("user."))
+    return (f"{st_.st_mode:#o}", st_.st_uid, st_.st_gid,
+            None if is_directory else st_.st_size, None if is_directory else st_.st_nlink,
+            st_.st_mtime_ns if st_.st_mtime_ns < DISTINCT_MTIME_BEFORE_NS else "recent", xattrs)
+
+
+def fd_open(handles: Handles, root: str, slot: int, path: str, how: str) -> object:
+    """open(2) into *slot*, closing what was there (also when the open fails).
+
+    A fifo is closed at once ("fifo"), never held: changed through a descriptor once its
+    lower name is gone, the kernel's overlay copies it up to that name again, and the deleted
+    fifo is back in the tree; cowfs answers EEXIST, as both do for a regular file.
+    """
+    handles.close(slot)
+    fd = os.open(os.path.join(root, path), OPEN_MODES[how] | OPEN_SAFE)
+    if stat.S_ISFIFO(os.fstat(fd).st_mode):
+        os.close(fd)
+        return "fifo"
+    handles.fds[slot] = fd
+    handles.modes[slot] = how
+    return None
+
+
+def fd_close(handles: Handles, root: str, slot: int) -> object:
+    handles.fd(slot)
+    handles.close(slot)
+    return None
+
+
+def fd_read(handles: Handles, root: str, slot: int, offset: int) -> object:
+    return os.pread(handles.fd(slot), 1 << 20, offset)
+
+
+def fd_write(handles: Handles, root: str, slot: int, offset: int, data: bytes) -> object:
+    return _write_all(handles.fd(slot), data, offset)
+
+
+def fd_stat(handles: Handles, root: str, slot: int) -> object:
+    return _seen_fd(handles.fd(slot))
+
+
+def fd_truncate(handles: Handles, root: str, slot: int, size: int) -> object:
+    os.ftruncate(handles.fd(slot), size)
+    return None
+
+
+def fd_chmod(handles: Handles, root: str, slot: int, mode: int) -> object:
+    os.fchmod(handles.fd(slot), mode)
+    return None
+
+
+def fd_chown(handles: Handles, root: str, slot: int, uid: int, gid: int) -> object:
+    os.fchown(handles.fd(slot), uid, gid)
+    return None
+
+
+def fd_utime(handles: Handles, root: str, slot: int, times_ns: tuple[int, int] | None) -> object:
+    if times_ns is None:
+        os.utime(handles.fd(slot))
+    else:
+        os.utime(handles.fd(slot), ns=times_ns)
+    return None
+
+
+def fd_setxattr(handles: Handles, root: str, slot: int, attribute: str, value: bytes) -> object:
+    os.setxattr(handles.fd(slot), attribute, value)
+    return None
+
+
+def fd_sync(handles: Handles, root: str, slot: int) -> object:
+    os.fsync(handles.fd(slot))
+    return None
+
+
+def fd_list(handles: Handles, root: str, slot: int) -> object:
+    """The names a held directory lists that its lookup finds (see snapshot: the kernel lists
+    names it cannot look up), with what each is."""
+    fd = handles.fd(slot)
+    found = []
+    for name in sorted(os.listdir(fd)):
+        try:
+            found.append((name, f"{os.lstat(name, dir_fd=fd).st_mode:#o}"))
+        except FileNotFoundError:
+            continue
+    return tuple(found)
+
+
+def fd_create(handles: Handles, root: str, slot: int, name: str, flags: int,
+              data: bytes) -> object:
+    """openat(2) O_CREAT in a held directory, wherever its names have gone since."""
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | OPEN_SAFE | flags, 0o640,
+                 dir_fd=handles.fd(slot))
+    try:
+        return _write_all(fd, data)
+    finally:
+        os.close(fd)
+
+
+def fd_lookup(handles: Handles, root: str, slot: int, name: str) -> object:
+    """fstatat(2) of a name in a held directory."""
+    return _stat_summary(os.lstat(name, dir_fd=handles.fd(slot)))
+
+
+FD_OPERATIONS: dict[str, Callable[..., object]] = {
+    "open": fd_open, "close": fd_close, "fd_read": fd_read, "fd_write": fd_write,
+    "fd_stat": fd_stat, "fd_truncate": fd_truncate, "fd_chmod": fd_chmod,
+    "fd_chown": fd_chown, "fd_utime": fd_utime, "fd_setxattr": fd_setxattr,
+    "fd_sync": fd_sync, "fd_list": fd_list, "fd_create": fd_create, "fd_lookup": fd_lookup,
 }
 
 
@@ -507,12 +675,15 @@ def _show_argument(name: str, value: object) -> str:
         return OPEN_FLAG_NAMES.get(value, f"{value:#x}")
     if name == "mode" and isinstance(value, int):
         return f"{value:#o}"
+    if name == "slot":
+        return f"#{value}"
     return show(value)
 
 
 @dataclasses.dataclass(frozen=True)
 class Operation:
-    """One call, by path relative to the mount root, as the failure report shows it."""
+    """One call, by path relative to the mount root or by a held descriptor's slot, as the
+    failure report shows it."""
 
     name: str
     arguments: tuple[object, ...]
@@ -525,8 +696,11 @@ class Operation:
             path, attribute, value, flags = self.arguments
             return (f"setxattr({path!r}, {attribute!r}, {show(value)}, "
                     f"{XATTR_FLAG_NAMES[flags]})")  # type: ignore[index]
-        function = OPERATIONS[self.name]
-        names = function.__code__.co_varnames[1:function.__code__.co_argcount]
+        if self.name in FD_OPERATIONS:
+            function, skipped = FD_OPERATIONS[self.name], 2
+        else:
+            function, skipped = OPERATIONS[self.name], 1
+        names = function.__code__.co_varnames[skipped:function.__code__.co_argcount]
         shown = ", ".join(_show_argument(name, value)
                           for name, value in zip(names, self.arguments, strict=True))
         return f"{self.name}({shown})"
@@ -535,12 +709,58 @@ class Operation:
         """Hypothesis prints each drawn operation with this: as the call reads."""
         printer.text(repr(self))  # type: ignore[attr-defined]
 
-    def apply(self, root: Path) -> tuple[str, object]:
+    def new_name(self) -> str | None:
+        """The name this call would make (a path, or a name in a held directory), if any."""
+        match self.name:
+            case "create" | "mkdir" | "mknod":
+                return str(self.arguments[0])
+            case "symlink" | "link" | "rename":
+                return str(self.arguments[1])
+            case "fd_create":
+                return str(self.arguments[1])
+        return None
+
+    def makes_marker(self) -> bool:
+        name = self.new_name()
+        return name is not None and os.path.basename(name).startswith(".wh.")
+
+    def apply(self, root: Path, handles: Handles) -> tuple[str, object]:
         """("ok", what the call returned) or ("error", the errno's name)."""
         try:
+            if self.name in FD_OPERATIONS:
+                return "ok", FD_OPERATIONS[self.name](handles, str(root), *self.arguments)
             return "ok", OPERATIONS[self.name](str(root), *self.arguments)
         except OSError as exc:
             return "error", errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+
+def marker_refusal(operation: Operation, root: Path, handles: Handles) -> tuple[str, object]:
+    """What cowfs must answer to *operation*, which would make a marker name: the error the
+    VFS gives before it asks the filesystem, else EINVAL. Probed on the oracle's mount, which
+    the operation is not applied to (the kernel would make an ordinary file)."""
+    def error(number: int) -> tuple[str, object]:
+        return "error", errno.errorcode[number]
+
+    try:
+        if operation.name == "fd_create":
+            st_ = os.fstat(handles.fd(int(operation.arguments[0])))   # type: ignore[call-overload]
+            if not stat.S_ISDIR(st_.st_mode):
+                return error(errno.ENOTDIR)
+            if st_.st_nlink == 0:
+                return error(errno.ENOENT)    # a removed directory takes no new names
+            return error(errno.EINVAL)
+        new = os.path.join(root, str(operation.new_name()))
+        if operation.name in ("link", "rename"):
+            source = os.lstat(os.path.join(root, str(operation.arguments[0])))
+        if not stat.S_ISDIR(os.stat(os.path.dirname(new)).st_mode):
+            return error(errno.ENOTDIR)
+        if operation.name == "link" and stat.S_ISDIR(source.st_mode):
+            return error(errno.EPERM)
+        if operation.name == "rename" and operation.arguments[2] == RENAME_EXCHANGE:
+            return error(errno.ENOENT)        # nothing to exchange with
+    except OSError as exc:
+        return "error", errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    return error(errno.EINVAL)
 
 
 # -- drawing operations that collide with what is there -----------------------------------------
@@ -559,7 +779,11 @@ sizes = st.one_of(st.integers(0, 40), st.integers(4000, 9000))
 OPERATION_WEIGHTS = {
     "stat": 2, "create": 3, "write": 4, "ftruncate": 1, "truncate": 1, "chmod": 2, "chown": 2,
     "utime": 2, "mknod": 1, "mkdir": 3, "symlink": 1, "link": 2, "unlink": 4, "rmdir": 3,
-    "rename": 6, "setxattr": 2, "removexattr": 1,
+    "rename": 6, "setxattr": 2, "removexattr": 1, "forget": 1,
+    # A held descriptor is used after what the path calls did to its names.
+    "open": 4, "close": 1, "fd_read": 2, "fd_write": 2, "fd_stat": 2, "fd_truncate": 1,
+    "fd_chmod": 1, "fd_chown": 1, "fd_utime": 1, "fd_setxattr": 1, "fd_sync": 1,
+    "fd_list": 1, "fd_create": 1, "fd_lookup": 1,
 }
 WEIGHTED_OPERATIONS = [name for name, weight in OPERATION_WEIGHTS.items() for _ in range(weight)]
 
@@ -569,12 +793,14 @@ def _join(parent: str, name: str) -> str:
 
 
 @st.composite
-def operations(draw: st.DrawFn, tree: Tree, names: list[str]) -> Operation:
-    """One operation on paths of *tree* (the merged view now) or new names beside them.
+def operations(draw: st.DrawFn, tree: Tree, names: list[str],
+               held: dict[int, str] | None = None) -> Operation:
+    """One operation on paths of *tree* (the merged view now) or new names beside them, or on
+    one of the descriptors *held* (slot: how it was opened).
 
     New names come from the stack's own pools, so they often fall on a whited-out or hidden
-    lower entry. Calls that follow symlinks (truncate, chmod) get no symlink: a symlink's target
-    may lie outside the mount.
+    lower entry, and now and then they are marker names. Calls that follow symlinks (truncate,
+    chmod) get no symlink: a symlink's target may lie outside the mount.
 
     The choices hypothesis records have the same shape whatever the tree (a path is an index
     into a list, taken modulo its length; every argument is drawn even where unused): were
@@ -597,12 +823,33 @@ def operations(draw: st.DrawFn, tree: Tree, names: list[str]) -> Operation:
         return pool[index % len(pool)]
 
     def new_path() -> str:
-        """Where an entry is made: as often on a name in use as on a new one."""
-        return path_from(existing, fresh_share=2)
+        """Where an entry is made: as often on a name in use as on a new one; one time in
+        sixteen a marker name in an existing directory."""
+        marker, index = draw(st.integers(0, 15)) == 15, draw(st.integers(0, 1 << 16))
+        path = path_from(existing, fresh_share=2)
+        if marker and directories:
+            return _join(directories[index % len(directories)],
+                         MARKER_NAMES[index % len(MARKER_NAMES)])
+        return path
+
+    held = held or {}
+
+    def slot(*modes: str) -> int:
+        """A slot holding a descriptor opened one of these ways, else any that holds one."""
+        index = draw(st.integers(0, SLOTS - 1))
+        fitting = sorted(slot for slot, how in held.items() if how in modes) or sorted(held)
+        return fitting[index % len(fitting)] if fitting else index
+
+    def free_slot() -> int:
+        index = draw(st.integers(0, SLOTS - 1))
+        free = [slot for slot in range(SLOTS) if slot not in held]
+        return free[index % len(free)] if free else index
 
     no_symlinks = [path for path in existing if not tree[path].is_symlink]
     with_root = ["", *existing]
     name = draw(st.sampled_from(WEIGHTED_OPERATIONS))
+    if name in FD_OPERATIONS and not held:
+        name = "open"        # a call on a descriptor wants one
     match name:
         case "stat":
             arguments: tuple[object, ...] = (path_from(existing),)
@@ -648,6 +895,49 @@ def operations(draw: st.DrawFn, tree: Tree, names: list[str]) -> Operation:
                          draw(st.sampled_from(list(XATTR_FLAG_NAMES))))
         case "removexattr":
             arguments = (path_from(with_root), draw(st.sampled_from(USER_XATTRS)))
+        case "forget":
+            arguments = ()
+        case "open":
+            how = draw(st.sampled_from(list(OPEN_MODES)))
+            wanted = stat.S_ISDIR if how == "directory" else stat.S_ISREG
+            candidates = [path for path in with_root if wanted(tree[path].mode)]
+            arguments = (free_slot(), path_from(candidates, fresh_share=8), how)
+        case "close" | "fd_stat" | "fd_sync":
+            arguments = (slot(*OPEN_MODES),)
+        case "fd_read":
+            arguments = (slot(*FILE_MODES), draw(offsets))
+        case "fd_write":
+            arguments = (slot(*WRITABLE_MODES), draw(offsets), draw(write_data))
+        case "fd_truncate":
+            arguments = (slot(*WRITABLE_MODES), draw(sizes))
+        case "fd_chmod":
+            arguments = (slot(*OPEN_MODES), draw(modes))
+        case "fd_chown":
+            arguments = (slot(*OPEN_MODES), draw(st.sampled_from((-1, *OWNERS))),
+                         draw(st.sampled_from((-1, *OWNERS))))
+        case "fd_utime":
+            stamp = st.sampled_from(UTIME_STAMPS_NS)
+            arguments = (slot(*OPEN_MODES), draw(st.one_of(st.tuples(stamp, stamp), st.none())))
+        case "fd_setxattr":
+            arguments = (slot(*OPEN_MODES), draw(st.sampled_from(USER_XATTRS)),
+                         draw(st.binary(max_size=6)))
+        case "fd_list":
+            arguments = (slot("directory"),)
+        case "fd_create":
+            arguments = (slot("directory"), draw(st.sampled_from([*names, *MARKER_NAMES])),
+                         draw(st.sampled_from([0, os.O_EXCL])), draw(write_data))
+        case "fd_lookup":
+            arguments = (slot("directory"), draw(st.sampled_from(names)))
         case _:
             raise ValueError(name)
     return Operation(name, arguments)
+
+
+@st.composite
+def steps(draw: st.DrawFn, tree: Tree, names: list[str],
+          held: dict[int, str]) -> tuple[Operation, ...]:
+    """One step: mostly one operation, sometimes two or three drawn from the same view and
+    made one after the other, with no look at the tree between them (so no lookup of every
+    name in between, as the comparison after a step makes)."""
+    count = draw(st.sampled_from([1, 1, 1, 2, 3]))
+    return tuple(draw(operations(tree, names, held)) for _ in range(count))
