@@ -11,9 +11,11 @@ fstat, ftruncate, fchmod, fchown, futimens, fsetxattr, fsync, readdir, openat an
 held directory), and dropping the caches (so names are looked up afresh and cowfs's nodes are
 forgotten). A step is one call, or two or three with no look at the tree between them. After
 every call the two results (value or errno) must be equal, and after every step the two whole
-merged trees. A name that would be a whiteout or an opaque marker in the OCI dialect (.wh.*)
-is refused by cowfs (EINVAL, nothing made) where the kernel makes an ordinary file: the oracle
-does not make it, and cowfs must refuse it (write_model.marker_refusal).
+merged trees. Where cowfs deliberately answers otherwise (write_model.cowfs_answer: a name
+that would be a whiteout or an opaque marker in the OCI dialect, .wh.*, which cowfs refuses
+with EINVAL where the kernel makes an ordinary file; a change through a held directory removed
+with no upper copy, which the kernel's overlay applies to what now stands at its name), the
+oracle does not make the call, and cowfs must give its own answer.
 
 At the end each upper is read back: by the other implementation with its own lowers and a
 fresh workdir, and stacked as the top lower layer of a read-only mount (the way a kept upper
@@ -60,8 +62,8 @@ from write_model import (
     Tree,
     WriteStack,
     build_lowers,
+    cowfs_answer,
     has_lower_hard_links,
-    marker_refusal,
     mounted_kernel_layers,
     mounted_kernel_overlay,
     show,
@@ -142,8 +144,8 @@ class Implementation:
     mount_layers: LayersFunction     # read-only, an upper stacked over its lowers
     # cowfs never lists a name its lookup does not find; the kernel does (see snapshot).
     lists_only_real_names: bool
-    # cowfs refuses new .wh.* names (EINVAL); the kernel makes ordinary files of them.
-    refuses_marker_names: bool
+    # Where cowfs deliberately answers otherwise than the kernel (write_model.cowfs_answer).
+    answers_as_cowfs: bool
 
 
 KERNEL = Implementation(
@@ -154,7 +156,7 @@ KERNEL = Implementation(
         lowers, upper, workdir, merged, options=combination.kernel_read_options),
     lambda combination, layers, merged: mounted_kernel_layers(
         layers, merged, options=combination.kernel_read_options),
-    lists_only_real_names=False, refuses_marker_names=False)
+    lists_only_real_names=False, answers_as_cowfs=False)
 # cowfs reads back with its defaults, whatever wrote the upper.
 COWFS = Implementation(
     "cowfs",
@@ -163,7 +165,7 @@ COWFS = Implementation(
     lambda combination, lowers, upper, workdir, merged: mounted_cowfs_with_upper(
         lowers, upper, workdir, merged),
     lambda combination, layers, merged: mounted_cowfs_layers(layers, merged),
-    lists_only_real_names=True, refuses_marker_names=True)
+    lists_only_real_names=True, answers_as_cowfs=True)
 
 
 @dataclasses.dataclass
@@ -278,11 +280,12 @@ def compare_sequence(base: Path, stack: WriteStack, next_step: NextStep, *,
             while (step := next_step(taken, tree, dict(oracle_handles.modes))) is not None:
                 for number, operation in enumerate(step):
                     label = f"{taken}" if len(step) == 1 else f"{taken}.{number}"
-                    refused = operation.makes_marker()
-                    if refused and subject.refuses_marker_names:
-                        expected = marker_refusal(operation, oracle_root, oracle_handles)
-                        shown = f"{show(expected[1])} (a marker name: the oracle makes none)"
-                    elif refused:   # the kernel against itself: neither side makes it
+                    oracle_handles.note_upper_copies(oracle_root, oracle_side.upper)
+                    answer = cowfs_answer(operation, oracle_root, oracle_handles)
+                    if answer is not None and subject.answers_as_cowfs:
+                        expected = answer
+                        shown = f"{show(expected[1])} (cowfs's answer: the oracle does not do it)"
+                    elif answer is not None:   # the kernel against itself: neither does it
                         continue
                     else:
                         expected = operation.apply(oracle_root, oracle_handles)
@@ -529,9 +532,10 @@ REPRO_STACK = WriteStack(
     Stack("kernel", [
         Dir(children={"a": File(b"hello\n"), "b": HardLink("a"), "d": Dir(children={
             "x": File(b"x")})}),
-        Dir(children={"l": File(b"lower data\n"), "d": Dir(children={"y": File(b"y")})}),
+        Dir(children={"l": File(b"lower data\n"), "d": Dir(children={"y": File(b"y")}),
+                      "empty": Dir()}),
     ]),
-    ["a", "b", "c", "d", "l", "p", "q", "r", "z"],
+    ["a", "b", "c", "d", "empty", "l", "p", "q", "r", "z"],
 )
 
 
@@ -579,6 +583,14 @@ REPROS = {
         op("mkdir", "z", 0o755), op("open", 0, "z", "directory"), op("rmdir", "z"),
         op("fd_list", 0), op("fd_stat", 0), op("fd_chmod", 0, 0o700), op("fd_utime", 0, None),
         op("fd_create", 0, "n", 0, b"n")),
+    "lower directory open across rmdir, its name taken again": (
+        op("open", 0, "d", "directory"), op("unlink", "d/x"), op("unlink", "d/y"),
+        op("rmdir", "d"), op("fd_chmod", 0, 0o700), op("mkdir", "d", 0o755),
+        op("fd_chmod", 0, 0o701), op("fd_utime", 0, None), op("fd_list", 0), op("stat", "d")),
+    "lower directory with no upper copy open across rmdir (cowfs's answer)": (
+        op("open", 0, "empty", "directory"), op("rmdir", "empty"), op("fd_chmod", 0, 0o700),
+        op("mkdir", "empty", 0o755), op("fd_chmod", 0, 0o701), op("fd_setxattr", 0, "user.a", b""),
+        op("fd_list", 0), op("fd_create", 0, "n", 0, b""), op("stat", "empty")),
     "directory open across a rename, and a lower one": (
         op("mkdir", "z", 0o755), op("open", 0, "z", "directory"), op("open", 1, "d", "directory"),
         op("rename", "z", "q", 0), op("rename", "d", "r", 0), op("fd_chmod", 0, 0o700),
@@ -670,7 +682,7 @@ def test_harness_catches_a_descriptor_on_another_file() -> None:
 
 def test_harness_catches_a_marker_name_made() -> None:
     """A subject that makes a .wh. name (as the kernel does) where cowfs must refuse it."""
-    making = dataclasses.replace(KERNEL, refuses_marker_names=True)
+    making = dataclasses.replace(KERNEL, answers_as_cowfs=True)
     script = scripted(Operation("create", (".wh.a", os.O_EXCL, 0o644, b"")))
     with tempfile.TemporaryDirectory(prefix="cowfs-write-") as temporary, \
             pytest.raises(AssertionError, match=r"create\('.wh.a', O_EXCL, 0o644, b''\): "

@@ -535,6 +535,20 @@ class Handles:
     def __init__(self) -> None:
         self.fds: dict[int, int] = {}
         self.modes: dict[int, str] = {}
+        # The oracle's held directories seen with an upper copy (see cowfs_answer).
+        self.upper_copies: set[int] = set()
+
+    def note_upper_copies(self, merged: Path, upper: Path) -> None:
+        """Before each call on the oracle: which held directories have an upper copy now."""
+        for slot, fd in self.fds.items():
+            if self.modes[slot] != "directory" or slot in self.upper_copies:
+                continue
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            if path.endswith(" (deleted)"):
+                continue
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                if stat.S_ISDIR(os.lstat(upper / os.path.relpath(path, merged)).st_mode):
+                    self.upper_copies.add(slot)
 
     def fd(self, slot: int) -> int:
         """The slot's descriptor: EBADF when nothing is open there."""
@@ -544,6 +558,7 @@ class Handles:
 
     def close(self, slot: int) -> None:
         self.modes.pop(slot, None)
+        self.upper_copies.discard(slot)
         fd = self.fds.pop(slot, None)
         if fd is not None:
             os.close(fd)
@@ -732,6 +747,38 @@ class Operation:
             return "ok", OPERATIONS[self.name](str(root), *self.arguments)
         except OSError as exc:
             return "error", errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+
+# Changes through a descriptor; see cowfs_answer for those of removed lower directories.
+FD_CHANGES = {"fd_chmod", "fd_chown", "fd_utime", "fd_setxattr"}
+
+
+def cowfs_answer(operation: Operation, root: Path, handles: Handles
+                 ) -> tuple[str, object] | None:
+    """What cowfs must answer where it deliberately differs from the kernel, which the
+    oracle then does not do; None for every other call.
+
+    - A name that would be a marker (.wh.*): see marker_refusal.
+    - A change through a held directory that was removed with no upper copy: cowfs answers
+      ENOENT. The kernel copies it up to its old name: to what stands there now (a
+      directory made since gets the change, while its own stat shows none; over a whiteout,
+      ENOTDIR), a change that reaches another file.
+    """
+    if operation.makes_marker():
+        return marker_refusal(operation, root, handles)
+    if operation.name in FD_CHANGES:
+        slot = operation.arguments[0]
+        if isinstance(slot, int) and _removed_lower_directory(handles, slot):
+            return "error", "ENOENT"
+    return None
+
+
+def _removed_lower_directory(handles: Handles, slot: int) -> bool:
+    """A held directory removed (its path says deleted) that never had an upper copy."""
+    fd = handles.fds.get(slot)
+    return (fd is not None and handles.modes[slot] == "directory"
+            and slot not in handles.upper_copies
+            and os.readlink(f"/proc/self/fd/{fd}").endswith(" (deleted)"))
 
 
 def marker_refusal(operation: Operation, root: Path, handles: Handles) -> tuple[str, object]:
