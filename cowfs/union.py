@@ -565,7 +565,6 @@ class Union:
         if target is source:
             return None                   # two names of one file: nothing to do (POSIX)
         self._check_rename(source, target)
-        self._check_movable(source)
         if target is not None and target_name is not None and not target.is_directory:
             self._copy_up_linked_lower(target, target_name)
         writer = self._writer()
@@ -791,13 +790,16 @@ class Union:
             self.staging.remove(staged)
 
     def _check_rename(self, source: Entry, target: Entry | None) -> None:
+        """In the kernel's order: the types (the VFS checks them first), then whether the
+        source may move (EXDEV), then whether a directory it replaces is empty."""
         if isinstance(source, Directory):
             if target is not None and not target.is_directory:
                 raise _error(errno.ENOTDIR, target.describe())
-            if target is not None and self.list_names(target):
-                raise _error(errno.ENOTEMPTY, target.describe())
         elif target is not None and target.is_directory:
             raise _error(errno.EISDIR, target.describe())
+        self._check_movable(source)
+        if isinstance(source, Directory) and target is not None and self.list_names(target):
+            raise _error(errno.ENOTEMPTY, target.describe())
 
     def _check_movable(self, entry: Entry) -> None:
         """A directory with lower copies moves only by a redirect: without redirect_dir=on,

@@ -596,6 +596,8 @@ REPROS = {
         op("rename", "z", "q", 0), op("rename", "d", "r", 0), op("fd_chmod", 0, 0o700),
         op("fd_create", 0, "n", 0, b"n"), op("fd_list", 0), op("fd_create", 1, "n", 0, b"m"),
         op("fd_list", 1), op("fd_lookup", 1, "y")),
+    "a lower directory renamed over a full one: EXDEV before ENOTEMPTY": (
+        op("rename", "empty", "d", 0), op("rename", "d", "empty", 0)),
     "a listing reread after rewind": (
         op("open", 0, "", "directory"), op("mkdir", "z", 0o755), op("fd_list", 0),
         op("rmdir", "z"), op("unlink", "l"), op("fd_list", 0)),
