@@ -606,6 +606,9 @@ REPROS = {
         op("chmod", "l", 0o600), op("rename", "l", "d/l2", 0), op("link", "d/l2", "z"),
         op("chmod", "d/x", 0o640), op("rename", "d", "q", 0), op("stat", "q/x")),
     # Marker names: refused by cowfs, never made by the oracle.
+    "a marker name in a removed merged directory held open": (
+        op("open", 0, "d", "directory"), op("unlink", "d/x"), op("unlink", "d/y"),
+        op("rmdir", "d"), op("fd_create", 0, ".wh..wh..opq", os.O_EXCL, b"")),
     "marker names": (
         op("create", ".wh.a", os.O_EXCL, 0o644, b""), op("mkdir", "d/.wh..wh..opq", 0o755),
         op("rename", "l", ".wh.b", 0), op("link", "d", ".wh.d"), op("symlink", "a", ".wh.l"),

@@ -790,10 +790,10 @@ def marker_refusal(operation: Operation, root: Path, handles: Handles) -> tuple[
 
     try:
         if operation.name == "fd_create":
-            st_ = os.fstat(handles.fd(int(operation.arguments[0])))   # type: ignore[call-overload]
-            if not stat.S_ISDIR(st_.st_mode):
+            fd = handles.fd(int(operation.arguments[0]))   # type: ignore[call-overload]
+            if not stat.S_ISDIR(os.fstat(fd).st_mode):
                 return error(errno.ENOTDIR)
-            if st_.st_nlink == 0:
+            if os.readlink(f"/proc/self/fd/{fd}").endswith(" (deleted)"):
                 return error(errno.ENOENT)    # a removed directory takes no new names
             return error(errno.EINVAL)
         new = os.path.join(root, str(operation.new_name()))
