@@ -605,6 +605,13 @@ REPROS = {
     "metacopy renamed and linked": (
         op("chmod", "l", 0o600), op("rename", "l", "d/l2", 0), op("link", "d/l2", "z"),
         op("chmod", "d/x", 0o640), op("rename", "d", "q", 0), op("stat", "q/x")),
+    # Flags the FUSE kernel answers itself: cowfs copies nothing up (see cowfs_answer).
+    "setxattr REPLACE of a missing attribute, CREATE of one there, then a write": (
+        op("setxattr", "l", "user.a", b"", os.XATTR_REPLACE),
+        op("setxattr", "d/x", "user.a", b"", os.XATTR_REPLACE),
+        op("setxattr", "l", "user.a", b"1", os.XATTR_CREATE),
+        op("setxattr", "l", "user.a", b"2", os.XATTR_CREATE),
+        op("write", "l", os.O_APPEND, None, b"", False, True)),
     # Marker names: refused by cowfs, never made by the oracle.
     "a marker name in a removed merged directory held open": (
         op("open", 0, "d", "directory"), op("unlink", "d/x"), op("unlink", "d/y"),

@@ -763,13 +763,38 @@ def cowfs_answer(operation: Operation, root: Path, handles: Handles
       ENOENT. The kernel copies it up to its old name: to what stands there now (a
       directory made since gets the change, while its own stat shows none; over a whiteout,
       ENOTDIR), a change that reaches another file.
+    - setxattr with XATTR_REPLACE of an attribute the file lacks (ENODATA), or XATTR_CREATE
+      of one it has (EEXIST): the FUSE kernel answers it from a getxattr and never sends
+      the setxattr, so cowfs copies nothing up; the kernel's overlay copies the file up
+      first (a metacopy, whose later data copy-up stamps mtime).
     """
     if operation.makes_marker():
         return marker_refusal(operation, root, handles)
+    if operation.name == "setxattr" and operation.arguments[3]:
+        return _xattr_flag_refusal(operation, root)
     if operation.name in FD_CHANGES:
         slot = operation.arguments[0]
         if isinstance(slot, int) and _removed_lower_directory(handles, slot):
             return "error", "ENOENT"
+    return None
+
+
+def _xattr_flag_refusal(operation: Operation, root: Path) -> tuple[str, object] | None:
+    path, attribute, _, flags = operation.arguments
+    full = os.path.join(root, str(path))
+    try:
+        if not stat.S_ISREG(os.lstat(full).st_mode) and not stat.S_ISDIR(os.lstat(full).st_mode):
+            return None                      # no user.* xattrs: EPERM from the VFS, as both
+        os.getxattr(full, str(attribute), follow_symlinks=False)
+        exists = True
+    except OSError as exc:
+        if exc.errno != errno.ENODATA:
+            return None
+        exists = False
+    if flags == os.XATTR_REPLACE and not exists:
+        return "error", "ENODATA"
+    if flags == os.XATTR_CREATE and exists:
+        return "error", "EEXIST"
     return None
 
 
