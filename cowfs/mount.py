@@ -145,7 +145,7 @@ class Operations(pyfuse3.Operations):
         self.union = union
         self.uids = uids
         self.gids = gids
-        self.nodes = InodeTable(union, union.fds)
+        self.nodes = InodeTable(union, union.fds, self._invalidate_node)
         self._directory_handles: dict[int, DirectoryHandle] = {}
         self._file_handles: dict[int, FileHandle] = {}
         self._next_handle = 1
@@ -526,6 +526,29 @@ class Operations(pyfuse3.Operations):
             await self._prepare_removal(new_parent.entry, os.fsdecode(name_new))
         self.union.rename(old_parent.entry, os.fsdecode(name_old), new_parent.entry,
                           os.fsdecode(name_new), flags)
+        if old_parent is not new_parent:
+            moved = [source]
+            if flags & pyfuse3.RENAME_EXCHANGE:
+                moved.append(self.union.lookup(old_parent.entry, os.fsdecode(name_old)))
+            for entry in moved:
+                if isinstance(entry, Directory):
+                    self._invalidate_listing(entry)
+
+    def _invalidate_listing(self, directory: Directory) -> None:
+        """Drop the kernel's cached listing of *directory*, which changed where the kernel did
+        not see it: a directory moved to another parent lists another `..`."""
+        node_id = self.nodes.known_id(directory)
+        if node_id is not None:
+            self._invalidate_node(node_id)
+
+    @staticmethod
+    def _invalidate_node(node_id: NodeId) -> None:
+        """Drop what the kernel caches of a node: attributes, data, a directory's listing.
+        Safe inside a handler: without the writeback cache nothing waits on a request."""
+        try:
+            pyfuse3.invalidate_inode(pyfuse3.InodeT(node_id), attr_only=False)
+        except OSError as exc:   # ENOENT: the kernel has forgotten it, and its listing too
+            log.debug("invalidate_inode(%d): %s", node_id, exc)
 
     @replies_errno
     async def setxattr(self, inode: pyfuse3.InodeT, name: bytes, value: bytes,
