@@ -4,6 +4,7 @@ The public API: open a layer stack and read the merged tree without FUSE (`Union
 (`mounted`, `open_mounted` under trio). docs/library.md shows them at work.
 """
 
+from cowfs.fuse_extensions import KernelFeatures
 from cowfs.handle import Mounted, MountError, mount_stack, mounted, open_mounted
 from cowfs.layers import LayerStack, LayoutError, open_stack, parse_lowerdirs
 from cowfs.lookup import Directory, Entry, Name
@@ -29,6 +30,7 @@ __all__ = [
     "Entry",
     "FormatOptions",
     "ImageError",
+    "KernelFeatures",
     "LayerError",
     "LayerStack",
     "LayoutError",

@@ -36,12 +36,16 @@ class MountOptions:
     gids: IdMap = IDENTITY
     # Mount flags passed on to the kernel: nosuid, nodev, noexec, noatime, sync, dirsync.
     kernel_flags: frozenset[str] = frozenset()
+    # The kernel caches pyfuse3 cannot ask for, through `cowfs.fuse_extensions`.
+    kernel_caches: bool = True
 
 
 def serve(stack: LayerStack, mountpoint: str, options: MountOptions,
           on_mounted: Callable[[], None] | None = None) -> None:
     """Mount and answer requests in this process until unmounted or signalled; the unmount
     makes the changes durable."""
+    from cowfs import fuse_extensions
+    fuse_extensions.load(enabled=options.kernel_caches)    # before pyfuse3 is imported
     from cowfs import mount, union
     _raise_fd_limit()
     os.umask(0)   # the kernel applies the caller's umask before asking us

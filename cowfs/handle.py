@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 
 from cowfs import daemon, durability
+from cowfs.fuse_extensions import KernelFeatures
 from cowfs.idmap import IdMap
 from cowfs.layers import (
     format_lowerdirs,
@@ -53,6 +54,11 @@ class Mounted:
     def statistics(self) -> dict[str, object]:
         """Copy-up counts and times (root only: a trusted.* xattr)."""
         return json.loads(os.getxattr(self.path, "trusted.cowfs.stats"))
+
+    def kernel_features(self) -> KernelFeatures:
+        """Which kernel caches beyond pyfuse3's the mount uses, and why not if not (root only,
+        as `statistics`)."""
+        return KernelFeatures.from_dict(self.statistics()["kernel_features"])  # type: ignore[arg-type]
 
     def is_live(self) -> bool:
         return any(mount.mountpoint == self.path and mount.fstype == "fuse.cowfs"

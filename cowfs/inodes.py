@@ -7,6 +7,7 @@ copy-up), never a counter: hard links of one file are one node, and a remount gi
 
 import errno
 import logging
+from collections.abc import Callable
 from typing import NewType
 
 from cowfs.lookup import Directory, DirectoryFds, Entry
@@ -36,13 +37,22 @@ class InodeTable:
     long as the kernel may still send requests for it.
     """
 
-    def __init__(self, union: Union, fds: DirectoryFds) -> None:
+    def __init__(self, union: Union, fds: DirectoryFds,
+                 on_replaced: Callable[[NodeId], None] = lambda node_id: None) -> None:
+        """*on_replaced* hears of a node whose number now names another directory: what the
+        kernel cached of the old one (its listing) must go."""
         self._union = union
         self._fds = fds
+        self._on_replaced = on_replaced
         self._nodes: dict[NodeId, Node] = {ROOT_ID: Node(ROOT_ID, union.root)}
 
     def id_for(self, entry: Entry) -> NodeId:
         return NodeId(self._union.inode_number(entry))
+
+    def known_id(self, entry: Entry) -> NodeId | None:
+        """*entry*'s node id if the kernel knows it as that node, else None."""
+        node = self._nodes.get(self.id_for(entry))
+        return node.id if node is not None and node.entry is entry else None
 
     def get(self, node_id: int) -> Node:
         try:
@@ -67,6 +77,7 @@ class InodeTable:
             node.entry = entry
             if isinstance(old, Directory):
                 self._fds.discard(old)
+                self._on_replaced(node_id)
         node.lookups += 1
         return node
 

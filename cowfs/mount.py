@@ -1,10 +1,13 @@
 """The FUSE face: pyfuse3 operations over `Union`, and the mount's life in a trio nursery.
 
 Handlers are synchronous calls to local syscalls (a thread hop costs more than the work, see
-DESIGN.md §6). The kernel is asked to cache everything for long: only cowfs changes what it
-serves, so nothing it caches goes stale behind its back.
+DESIGN.md §6). The kernel is asked to cache everything for long, listings too where
+`cowfs.fuse_extensions` is active: only cowfs changes what it serves, and the kernel sees the
+changes it asks for, so nothing it caches goes stale behind its back (where one would, cowfs
+invalidates it).
 """
 
+import collections
 import contextlib
 import errno
 import functools
@@ -18,6 +21,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from cowfs import fuse_extensions
 from cowfs.durability import BATCH, BATCH_DELAY_S, VOLATILE, Durability
 from cowfs.idmap import IDENTITY, IdMap
 from cowfs.inodes import InodeTable, Node, NodeId
@@ -38,7 +42,8 @@ READ_AHEAD_KB = 1024
 # A copy-up with more data than this runs in a worker thread: a thread hop costs ~0.2 ms, far
 # less than copying this much, and other requests are served meanwhile.
 THREADED_COPY_BYTES = 1 << 20
-# A virtual xattr of the root: the copy-up statistics as JSON (root only, as trusted.* is).
+# A virtual xattr of the root: the copy-up statistics, the requests served and the kernel
+# features in use, as JSON (root only, as trusted.* is).
 STATS_XATTR = b"trusted.cowfs.stats"
 
 P = ParamSpec("P")
@@ -51,6 +56,7 @@ def replies_errno(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R
     @functools.wraps(handler)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         log.debug("%s(%s)", handler.__name__, _RequestArguments(args[1:]))
+        args[0].requests[handler.__name__] += 1     # type: ignore[attr-defined]
         try:
             return await handler(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -139,10 +145,12 @@ class Operations(pyfuse3.Operations):
         self.union = union
         self.uids = uids
         self.gids = gids
-        self.nodes = InodeTable(union, union.fds)
+        self.nodes = InodeTable(union, union.fds, self._invalidate_node)
         self._directory_handles: dict[int, DirectoryHandle] = {}
         self._file_handles: dict[int, FileHandle] = {}
         self._next_handle = 1
+        # Requests served, by handler: what the kernel still asks (the statistics show it).
+        self.requests: collections.Counter[str] = collections.Counter()
         # Entries whose copy-up is under way, and the event set when it is done.
         self._copying: dict[Entry, trio.Event] = {}
 
@@ -224,6 +232,12 @@ class Operations(pyfuse3.Operations):
         reachable for its node and open handles)."""
         await self._settle(self.union.lookup(parent, name))
 
+    def statistics(self) -> dict[str, object]:
+        """What the root's STATS_XATTR shows."""
+        return {**self.union.statistics(), "requests": dict(self.requests),
+                "kernel_features": fuse_extensions.features().as_dict(),
+                **fuse_extensions.counters()}
+
     # -- reading ----------------------------------------------------------------------------
 
     @replies_errno
@@ -240,6 +254,7 @@ class Operations(pyfuse3.Operations):
 
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         log.debug("forget(%r)", inode_list)
+        self.requests["forget"] += 1
         for node_id, count in inode_list:
             self.nodes.forget(node_id, count)
 
@@ -353,7 +368,7 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode: pyfuse3.InodeT, name: bytes,
                        ctx: pyfuse3.RequestContext) -> bytes:
         if name == STATS_XATTR and inode == pyfuse3.ROOT_INODE:
-            return json.dumps(self.union.statistics()).encode()
+            return json.dumps(self.statistics()).encode()
         try:
             return self.union.get_xattr(self.nodes.get(inode).entry, os.fsdecode(name))
         except OSError as exc:
@@ -511,6 +526,29 @@ class Operations(pyfuse3.Operations):
             await self._prepare_removal(new_parent.entry, os.fsdecode(name_new))
         self.union.rename(old_parent.entry, os.fsdecode(name_old), new_parent.entry,
                           os.fsdecode(name_new), flags)
+        if old_parent is not new_parent:
+            moved = [source]
+            if flags & pyfuse3.RENAME_EXCHANGE:
+                moved.append(self.union.lookup(old_parent.entry, os.fsdecode(name_old)))
+            for entry in moved:
+                if isinstance(entry, Directory):
+                    self._invalidate_listing(entry)
+
+    def _invalidate_listing(self, directory: Directory) -> None:
+        """Drop the kernel's cached listing of *directory*, which changed where the kernel did
+        not see it: a directory moved to another parent lists another `..`."""
+        node_id = self.nodes.known_id(directory)
+        if node_id is not None:
+            self._invalidate_node(node_id)
+
+    @staticmethod
+    def _invalidate_node(node_id: NodeId) -> None:
+        """Drop what the kernel caches of a node: attributes, data, a directory's listing.
+        Safe inside a handler: without the writeback cache nothing waits on a request."""
+        try:
+            pyfuse3.invalidate_inode(pyfuse3.InodeT(node_id), attr_only=False)
+        except OSError as exc:   # ENOENT: the kernel has forgotten it, and its listing too
+            log.debug("invalidate_inode(%d): %s", node_id, exc)
 
     @replies_errno
     async def setxattr(self, inode: pyfuse3.InodeT, name: bytes, value: bytes,
@@ -573,6 +611,7 @@ def raise_read_ahead(mountpoint: str) -> None:
 def mount(operations: Operations, mountpoint: str, options: set[str]) -> None:
     """Make the mount (the kernel queues requests until `serve` runs)."""
     pyfuse3.init(operations, mountpoint, options)
+    fuse_extensions.check_session()
     raise_read_ahead(mountpoint)
 
 

@@ -17,7 +17,8 @@ from cowfs.idmap import IdMap, MappingError, parse_mapping
 VALUED = {"lowerdir": "DIRS", "upperdir": "DIR", "workdir": "DIR", "fsname": "NAME",
           "fsync": "strict|batch|volatile", "uidmapping": "A:B:N[:A:B:N...]",
           "gidmapping": "A:B:N[:A:B:N...]", "squash_to_uid": "UID", "squash_to_gid": "GID",
-          "metacopy": "on|off", "redirect_dir": "on|follow|off|nofollow", "index": "on|off"}
+          "metacopy": "on|off", "redirect_dir": "on|follow|off|nofollow", "index": "on|off",
+          "kernel_caches": "on|off"}
 # Honoured flags.
 FLAGS = {"nonempty", "ro", "userxattr", "volatile", "debug", "squash_to_root"}
 # Passed on to the kernel as mount flags.
@@ -90,8 +91,17 @@ def parse(values: Sequence[str], *, is_root: bool = True) -> ParsedOptions:
         fsync=_fsync_mode(settings.get("fsync"), volatile="volatile" in flags),
         uids=_id_map(settings, "uid", squash_to_root="squash_to_root" in flags),
         gids=_id_map(settings, "gid", squash_to_root="squash_to_root" in flags),
-        kernel_flags=frozenset(_kernel_flags(flags, is_root=is_root)))
+        kernel_flags=frozenset(_kernel_flags(flags, is_root=is_root)),
+        kernel_caches=_on_off(settings, "kernel_caches", default=True))
     return parsed
+
+
+def _on_off(settings: dict[str, str], key: str, *, default: bool) -> bool:
+    if key not in settings:
+        return default
+    if settings[key] not in ("on", "off"):
+        raise OptionError(f"malformed mount option '{key}={settings[key]}': expected {key}=on|off")
+    return settings[key] == "on"
 
 
 def _fsync_mode(value: str | None, *, volatile: bool) -> str:

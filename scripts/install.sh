@@ -35,13 +35,18 @@ if ((${#missing[@]})); then
 fi
 [[ -e /dev/fuse ]] || modprobe fuse 2>/dev/null || say "warning: /dev/fuse is missing" >&2
 
-stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+# The C extensions are built by pip too: a change to them (or to the build) reinstalls.
+stamp=".venv/.installed-$(cat pyproject.toml setup.py cowfs/_fuse_extensions.c | sha256sum \
+    | cut -c1-16)"
 if [[ ! -e $stamp ]]; then
     [[ -x .venv/bin/python ]] || { say "creating .venv"; "$python" -m venv .venv; }
     say "installing cowfs into .venv"
     PIP_DISABLE_PIP_VERSION_CHECK=1 .venv/bin/pip install -q -e '.[test]' 2>&1 \
         | grep -v "^WARNING: Location" || true
     .venv/bin/python -c 'import cowfs, pyfuse3, trio' # fails loudly if the install did not work
+    # Optional for a pip install elsewhere, but this install has what they need: insist.
+    .venv/bin/python -c 'from cowfs import fuse_extensions as e; assert e.library_path(), \
+        "the kernel-cache extensions were not built (see the pip output above)"'
     rm -f .venv/.installed-*
     touch "$stamp"
 fi

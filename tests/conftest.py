@@ -117,14 +117,18 @@ class CowfsMount:
 
 @contextlib.contextmanager
 def mounted_cowfs(lowers: list[Path], merged: Path, upper: Path | None = None,
-                  extra: tuple[str, ...] = ()) -> Iterator[CowfsMount]:
-    """Mount with cowfs in a child process; always unmounted and reaped afterwards."""
+                  extra: tuple[str, ...] = (), *, launcher: list[str] | None = None
+                  ) -> Iterator[CowfsMount]:
+    """Mount with cowfs in a child process; always unmounted and reaped afterwards.
+
+    *launcher* replaces `python -m cowfs` (a command that takes cowfs's arguments after it)."""
     lowerdir = ":".join(str(path).replace("\\", "\\\\").replace(":", "\\:") for path in lowers)
     arguments = ["mount", "-f", *extra, lowerdir, *([str(upper)] if upper else []), str(merged)]
     log_path = merged.parent / f".{merged.name}.cowfs.log"
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(cowfs_command(*arguments), stdin=subprocess.DEVNULL,
-                                   stdout=log_file, stderr=subprocess.STDOUT)
+        command = [*launcher, *arguments] if launcher else cowfs_command(*arguments)
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file,
+                                   stderr=subprocess.STDOUT)
     mount = CowfsMount(process, merged, log_path)
     try:
         def ready() -> bool:

@@ -1,0 +1,230 @@
+/*
+ * cowfs's kernel-cache extensions: a few libfuse calls interposed under an unmodified pyfuse3.
+ *
+ * pyfuse3 3.5.0 gives Python no way to reply FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE to opendir
+ * (its opendir handler takes a handle number only) nor to ask INIT for more capabilities. It
+ * calls libfuse through dynamic symbols, though, and this library, loaded with RTLD_GLOBAL
+ * before pyfuse3 is imported, comes first in the global scope, so pyfuse3's references bind
+ * here (an unversioned definition satisfies a versioned reference). Three things are done:
+ *
+ *   - session creation: the operations table is copied and two entries wrapped, `init` (after
+ *     pyfuse3's own, the capabilities cowfs asked for are added to `want`, where the kernel
+ *     offers them) and `opendir` (the request is remembered);
+ *   - fuse_reply_open: a reply to a remembered opendir carries cache_readdir and keep_cache,
+ *     so the kernel keeps the listing in the directory's page cache across opens;
+ *   - fuse_reply_err: a failed opendir is forgotten.
+ *
+ * Everything else goes to libfuse untouched (dlsym RTLD_NEXT: the library this one links).
+ * Only libfuse's public, stable ABI is used (the operations table's leading members, the
+ * fuse_file_info bits, fuse_conn_info.want/capable), compiled against the headers of the
+ * machine it runs on. Counters tell the Python side (cowfs/fuse_extensions.py) what really
+ * happened, so a mount can say the extensions are off instead of silently losing them.
+ */
+#define _GNU_SOURCE
+#define FUSE_USE_VERSION 31
+#include <dlfcn.h>
+#include <fuse_lowlevel.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <string.h>
+
+#define EXPORTED __attribute__((visibility("default")))
+
+/* Bumped when the control functions below change: the Python side refuses another value. */
+#define EXTENSIONS_ABI 1
+
+/* Opendir requests are answered in order, a few at a time: more than this many outstanding
+ * means pyfuse3 dropped some without a reply, and the oldest are overwritten. A stale entry
+ * can only mark a later open of a regular file, where the kernel ignores FOPEN_CACHE_DIR and
+ * cowfs asks for keep_cache anyway. */
+#define PENDING_OPENDIRS 64
+
+enum counter {
+    SESSIONS_WRAPPED,       /* sessions whose operations table this library wrapped */
+    INIT_CALLS,             /* INIT requests seen through the wrapped table */
+    PROTOCOL_MINOR,         /* the kernel's FUSE protocol minor version, from INIT */
+    CAPABLE,                /* conn->capable at INIT */
+    GRANTED,                /* the extra capabilities added to conn->want */
+    OPENDIRS_SEEN,          /* opendir requests passed to pyfuse3 */
+    CACHED_LISTING_REPLIES, /* opendir replies sent with cache_readdir and keep_cache */
+    COUNTERS
+};
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static unsigned long long counters[COUNTERS];
+static int cache_listings;
+static unsigned int wanted_capabilities;
+static fuse_req_t pending[PENDING_OPENDIRS];
+static unsigned int next_pending;
+
+static struct fuse_lowlevel_ops wrapped_operations;
+static void (*pyfuse3_init)(void *userdata, struct fuse_conn_info *conn);
+static void (*pyfuse3_opendir)(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
+
+static void *next_symbol(const char *name)
+{
+    return dlsym(RTLD_NEXT, name);
+}
+
+static void remember_opendir(fuse_req_t req)
+{
+    pthread_mutex_lock(&lock);
+    pending[next_pending] = req;
+    next_pending = (next_pending + 1) % PENDING_OPENDIRS;
+    counters[OPENDIRS_SEEN]++;
+    pthread_mutex_unlock(&lock);
+}
+
+/* Whether *req* was a remembered opendir; it is forgotten either way (one reply per request). */
+static int forget_opendir(fuse_req_t req)
+{
+    int found = 0;
+    pthread_mutex_lock(&lock);
+    for (unsigned int i = 0; i < PENDING_OPENDIRS; i++) {
+        if (pending[i] == req) {
+            pending[i] = NULL;
+            found = 1;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    return found;
+}
+
+static void wrapped_init(void *userdata, struct fuse_conn_info *conn)
+{
+    if (pyfuse3_init)
+        pyfuse3_init(userdata, conn);
+    /* After pyfuse3's own choices, so they cannot undo ours; libfuse >= 3.17 carries changes
+     * made to the 32-bit `want` over into want_ext after this callback returns. */
+    unsigned int granted = wanted_capabilities & conn->capable;
+    conn->want |= granted;
+    pthread_mutex_lock(&lock);
+    counters[INIT_CALLS]++;
+    counters[PROTOCOL_MINOR] = conn->proto_minor;
+    counters[CAPABLE] = conn->capable;
+    counters[GRANTED] = granted;
+    pthread_mutex_unlock(&lock);
+}
+
+static void wrapped_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    if (cache_listings)
+        remember_opendir(req);
+    pyfuse3_opendir(req, ino, fi);
+}
+
+/* The table libfuse will use: pyfuse3's, with init and opendir wrapped. A table of another
+ * size (pyfuse3 built against other headers) or a second session is passed on unchanged. */
+static const struct fuse_lowlevel_ops *wrap_operations(const struct fuse_lowlevel_ops *op,
+                                                       size_t op_size)
+{
+    if (op == &wrapped_operations || op_size != sizeof(wrapped_operations) || !op->opendir)
+        return op;
+    pthread_mutex_lock(&lock);
+    int first = counters[SESSIONS_WRAPPED] == 0;
+    if (first)
+        counters[SESSIONS_WRAPPED] = 1;
+    pthread_mutex_unlock(&lock);
+    if (!first)
+        return op;
+    memcpy(&wrapped_operations, op, sizeof(wrapped_operations));
+    pyfuse3_init = op->init;
+    pyfuse3_opendir = op->opendir;
+    wrapped_operations.init = wrapped_init;
+    wrapped_operations.opendir = wrapped_opendir;
+    return &wrapped_operations;
+}
+
+/* Session creation under every name a libfuse 3 header may bind it to: fuse_session_new up to
+ * 3.16; from 3.17 the header's inline fuse_session_new calls a versioned entry point (the
+ * version struct is passed through untouched). Defined under other C names with asm labels,
+ * so a header that declares fuse_session_new inline does not clash with this definition. */
+typedef struct fuse_session *(*session_new_t)(struct fuse_args *, const struct fuse_lowlevel_ops *,
+                                              size_t, void *);
+typedef struct fuse_session *(*versioned_session_new_t)(struct fuse_args *,
+                                                        const struct fuse_lowlevel_ops *,
+                                                        size_t, void *, void *);
+
+EXPORTED struct fuse_session *cowfs_session_new(struct fuse_args *args,
+                                                const struct fuse_lowlevel_ops *op,
+                                                size_t op_size, void *userdata)
+    __asm__("fuse_session_new");
+struct fuse_session *cowfs_session_new(struct fuse_args *args,
+                                       const struct fuse_lowlevel_ops *op, size_t op_size,
+                                       void *userdata)
+{
+    session_new_t real = (session_new_t)next_symbol("fuse_session_new");
+    return real(args, wrap_operations(op, op_size), op_size, userdata);
+}
+
+#define VERSIONED_SESSION_NEW(c_name, symbol)                                                  \
+    EXPORTED struct fuse_session *c_name(struct fuse_args *args,                              \
+                                         const struct fuse_lowlevel_ops *op, size_t op_size, \
+                                         void *version, void *userdata) __asm__(symbol);     \
+    struct fuse_session *c_name(struct fuse_args *args, const struct fuse_lowlevel_ops *op,   \
+                                size_t op_size, void *version, void *userdata)               \
+    {                                                                                          \
+        versioned_session_new_t real = (versioned_session_new_t)next_symbol(symbol);          \
+        return real(args, wrap_operations(op, op_size), op_size, version, userdata);         \
+    }
+
+VERSIONED_SESSION_NEW(cowfs_session_new_versioned, "fuse_session_new_versioned")
+VERSIONED_SESSION_NEW(cowfs_session_new_317, "_fuse_session_new_317")
+VERSIONED_SESSION_NEW(cowfs_session_new_underscore, "_fuse_session_new")
+
+typedef int (*reply_open_t)(fuse_req_t, const struct fuse_file_info *);
+typedef int (*reply_err_t)(fuse_req_t, int);
+
+EXPORTED int cowfs_reply_open(fuse_req_t req, const struct fuse_file_info *fi)
+    __asm__("fuse_reply_open");
+int cowfs_reply_open(fuse_req_t req, const struct fuse_file_info *fi)
+{
+    static reply_open_t real;
+    if (!real)
+        real = (reply_open_t)next_symbol("fuse_reply_open");
+    if (!forget_opendir(req))
+        return real(req, fi);
+    struct fuse_file_info cached = *fi;
+    cached.cache_readdir = 1;
+    cached.keep_cache = 1;
+    pthread_mutex_lock(&lock);
+    counters[CACHED_LISTING_REPLIES]++;
+    pthread_mutex_unlock(&lock);
+    return real(req, &cached);
+}
+
+EXPORTED int cowfs_reply_err(fuse_req_t req, int err) __asm__("fuse_reply_err");
+int cowfs_reply_err(fuse_req_t req, int err)
+{
+    static reply_err_t real;
+    if (!real)
+        real = (reply_err_t)next_symbol("fuse_reply_err");
+    forget_opendir(req);
+    return real(req, err);
+}
+
+/* -- the control surface, called through ctypes ------------------------------------------ */
+
+EXPORTED int cowfs_extensions_abi(void)
+{
+    return EXTENSIONS_ABI;
+}
+
+/* What to do for sessions made from now on: call before pyfuse3.init. */
+EXPORTED void cowfs_extensions_configure(int listings, unsigned int capabilities)
+{
+    pthread_mutex_lock(&lock);
+    cache_listings = listings;
+    wanted_capabilities = capabilities;
+    pthread_mutex_unlock(&lock);
+}
+
+EXPORTED unsigned long long cowfs_extensions_counter(int which)
+{
+    if (which < 0 || which >= COUNTERS)
+        return 0;
+    pthread_mutex_lock(&lock);
+    unsigned long long value = counters[which];
+    pthread_mutex_unlock(&lock);
+    return value;
+}
