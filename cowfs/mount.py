@@ -273,7 +273,11 @@ class Operations(pyfuse3.Operations):
                    ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         entry = self.nodes.get(inode).entry
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            # Filling a metacopy with its data stamps mtime, which no reply tells the kernel.
+            stamps = entry.metacopy and not flags & os.O_TRUNC
             await self._copy_up(entry, data=not flags & os.O_TRUNC)
+            if stamps:
+                self._invalidate_attributes(inode)
         fd = self.union.open(entry, flags)
         handle_id = self._new_handle()
         self._file_handles[handle_id] = FileHandle(entry, fd, flags)
@@ -515,6 +519,10 @@ class Operations(pyfuse3.Operations):
         check_new_name(os.fsdecode(name_new))       # before the copy-ups below
         old_parent = self._directory_node(parent_inode_old)
         new_parent = self._directory_node(parent_inode_new)
+        # Nothing is copied up for a rename that fails (EXDEV, ENOTEMPTY...), as the kernel.
+        if not self.union.check_rename(old_parent.entry, os.fsdecode(name_old), new_parent.entry,
+                                       os.fsdecode(name_new), flags):
+            return
         source = self.union.lookup(old_parent.entry, os.fsdecode(name_old))
         if source is not None:
             # No data, as the kernel: a renamed lower file is a metacopy where allowed.
@@ -540,6 +548,13 @@ class Operations(pyfuse3.Operations):
         node_id = self.nodes.known_id(directory)
         if node_id is not None:
             self._invalidate_node(node_id)
+
+    @staticmethod
+    def _invalidate_attributes(node_id: NodeId | pyfuse3.InodeT) -> None:
+        try:
+            pyfuse3.invalidate_inode(pyfuse3.InodeT(node_id), attr_only=True)
+        except OSError as exc:   # ENOENT: the kernel has forgotten it
+            log.debug("invalidate_inode(%d): %s", node_id, exc)
 
     @staticmethod
     def _invalidate_node(node_id: NodeId) -> None:

@@ -545,26 +545,17 @@ class Union:
     def rename(self, parent: Entry, name: str, new_parent: Entry, new_name: str,
                flags: int = 0) -> Entry | None:
         """rename(2) with RENAME_NOREPLACE and RENAME_EXCHANGE; returns a replaced entry."""
-        whiteout.check_new_name(new_name)
+        if not self.check_rename(parent, name, new_parent, new_name, flags):
+            return None                   # two names of one file: nothing to do (POSIX)
         directory, new_directory = self._directory(parent), self._directory(new_parent)
         source = self._existing(directory, name)
         source_name = source.name_in(directory, name)
-        _at.check_name(new_name)
         target = self.lookup(new_directory, new_name)
         target_name = target.name_in(new_directory, new_name) if target is not None else None
         if flags & _libc.RENAME_EXCHANGE:
-            if target is None or target_name is None:
-                raise _error(errno.ENOENT, new_name)
-            if target is not source:
-                self._check_movable(source)
-                self._check_movable(target)
-                self._exchange(source, source_name, target, target_name)
+            assert target is not None and target_name is not None
+            self._exchange(source, source_name, target, target_name)
             return None
-        if target is not None and flags & _libc.RENAME_NOREPLACE:
-            raise _error(errno.EEXIST, new_name)
-        if target is source:
-            return None                   # two names of one file: nothing to do (POSIX)
-        self._check_rename(source, target)
         if target is not None and target_name is not None and not target.is_directory:
             self._copy_up_linked_lower(target, target_name)
         writer = self._writer()
@@ -788,6 +779,31 @@ class Union:
             staged = self.staging.new_name()
             _libc.renameat2(directory_fd, name, self.staging.fd, staged, _libc.RENAME_NOREPLACE)
             self.staging.remove(staged)
+
+    def check_rename(self, parent: Entry, name: str, new_parent: Entry, new_name: str,
+                     flags: int = 0) -> bool:
+        """Raise what rename would fail with, changing nothing: the FUSE face asks before it
+        copies anything up, as the kernel checks before its copy-up. False when there is
+        nothing to do (two names of one file)."""
+        whiteout.check_new_name(new_name)
+        directory, new_directory = self._directory(parent), self._directory(new_parent)
+        source = self._existing(directory, name)
+        _at.check_name(new_name)
+        target = self.lookup(new_directory, new_name)
+        if flags & _libc.RENAME_EXCHANGE:
+            if target is None:
+                raise _error(errno.ENOENT, new_name)
+            if target is source:
+                return False
+            self._check_movable(source)
+            self._check_movable(target)
+            return True
+        if target is not None and flags & _libc.RENAME_NOREPLACE:
+            raise _error(errno.EEXIST, new_name)
+        if target is source:
+            return False
+        self._check_rename(source, target)
+        return True
 
     def _check_rename(self, source: Entry, target: Entry | None) -> None:
         """In the kernel's order: the types (the VFS checks them first), then whether the

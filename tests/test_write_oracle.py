@@ -598,6 +598,11 @@ REPROS = {
         op("fd_list", 1), op("fd_lookup", 1, "y")),
     "a lower directory renamed over a full one: EXDEV before ENOTEMPTY": (
         op("rename", "empty", "d", 0), op("rename", "d", "empty", 0)),
+    "a failed rename copies nothing up": (
+        op("open", 0, "empty", "directory"), op("rename", "empty", "d", 0),
+        op("rmdir", "empty"), op("fd_chmod", 0, 0o700), op("open", 1, "d", "directory"),
+        op("rename", "d", "z", 0), op("unlink", "d/x"), op("unlink", "d/y"), op("rmdir", "d"),
+        op("fd_chmod", 1, 0o700)),
     "a listing reread after rewind": (
         op("open", 0, "", "directory"), op("mkdir", "z", 0o755), op("fd_list", 0),
         op("rmdir", "z"), op("unlink", "l"), op("fd_list", 0)),
