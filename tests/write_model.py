@@ -570,13 +570,21 @@ class Handles:
 
 
 def _seen_fd(fd: int) -> object:
-    """What fstat(2) and the fd's xattrs show, compared as the trees' entries are."""
+    """What fstat(2) and the fd's xattrs show, compared as the trees' entries are.
+
+    The link count of a file whose names are all gone is not compared: the kernel's overlay
+    shows the count of what still links its copy (the lower file; its index entry, until the
+    file is closed), cowfs the names left in the merged view (0), as a plain filesystem.
+    """
     st_ = os.fstat(fd)
     is_directory = stat.S_ISDIR(st_.st_mode)
+    nlink: object = None if is_directory else st_.st_nlink
+    if not is_directory and os.readlink(f"/proc/self/fd/{fd}").endswith(" (deleted)"):
+        nlink = "no names"
     xattrs = tuple((name, os.getxattr(fd, name))
                    for name in sorted(os.listxattr(fd)) if name.startswith("user."))
     return (f"{st_.st_mode:#o}", st_.st_uid, st_.st_gid,
-            None if is_directory else st_.st_size, None if is_directory else st_.st_nlink,
+            None if is_directory else st_.st_size, nlink,
             st_.st_mtime_ns if st_.st_mtime_ns < DISTINCT_MTIME_BEFORE_NS else "recent", xattrs)
 
 
