@@ -580,8 +580,11 @@ class Operations(pyfuse3.Operations):
         if name == STATS_XATTR and inode == pyfuse3.ROOT_INODE:
             raise pyfuse3.FUSEError(errno.EPERM)
         entry = self.nodes.get(inode).entry
-        await self._copy_up(entry, data=False)
         try:
+            if self.union.writable and self.union.needs_copy_up(entry, data=False):
+                # A missing one is ENODATA with nothing copied up, as the kernel answers.
+                self.union.get_xattr(entry, os.fsdecode(name))
+            await self._copy_up(entry, data=False)
             self.union.remove_xattr(entry, os.fsdecode(name))
         except OSError as exc:
             if exc.errno == errno.ENODATA:

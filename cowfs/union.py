@@ -403,6 +403,8 @@ class Union:
                     value, flags, follow_symlinks=name is None)
 
     def remove_xattr(self, entry: Entry, attribute: str) -> None:
+        if self.needs_copy_up(entry, data=False):
+            self.get_xattr(entry, attribute)    # ENODATA before any copy-up, as the kernel
         self._copy_up_entry(entry, data=False)
         directory_fd, name = self._xattr_target(entry)
         os.removexattr(_at.fd_path(directory_fd, name), whiteout.stored_xattr_name(attribute),
