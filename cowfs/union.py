@@ -593,10 +593,10 @@ class Union:
 
     def _copy_up_linked_lower(self, entry: Entry, name: Name) -> None:
         """Before a lower file with several names loses *name*: its other names must see one
-        name fewer, and the index, which only an upper copy has, keeps that count. With its
-        data, as the kernel copies it (no metacopy, whose later data copy would stamp mtime)."""
+        name fewer, and the index, which only an upper copy has, keeps that count. Metadata
+        only where metacopy is on, as the kernel's index copy (6.18 here)."""
         if entry.layer != UPPER and entry.stat.st_nlink > 1 and self.index_fd is not None:
-            self._copy_up_entry(entry, name=name)
+            self._copy_up_entry(entry, data=False, name=name)
 
     def _copy_up_entry(self, entry: Entry, *, data: bool = True, name: Name | None = None
                        ) -> None:
