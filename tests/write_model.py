@@ -791,7 +791,8 @@ def _xattr_flag_refusal(operation: Operation, root: Path) -> tuple[str, object] 
     path, attribute, _, flags = operation.arguments
     full = os.path.join(root, str(path))
     try:
-        if not stat.S_ISREG(os.lstat(full).st_mode) and not stat.S_ISDIR(os.lstat(full).st_mode):
+        mode = os.lstat(full).st_mode
+        if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
             return None                      # no user.* xattrs: EPERM from the VFS, as both
         os.getxattr(full, str(attribute), follow_symlinks=False)
         exists = True
