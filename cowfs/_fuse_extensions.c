@@ -23,15 +23,18 @@
 #define _GNU_SOURCE
 #define FUSE_USE_VERSION 31
 #include <dlfcn.h>
+#include <errno.h>
 #include <fuse_lowlevel.h>
 #include <pthread.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define EXPORTED __attribute__((visibility("default")))
 
 /* Bumped when the control functions below change: the Python side refuses another value. */
-#define EXTENSIONS_ABI 1
+#define EXTENSIONS_ABI 2
 
 /* Opendir requests are answered in order, a few at a time: more than this many outstanding
  * means pyfuse3 dropped some without a reply, and the oldest are overwritten. A stale entry
@@ -47,6 +50,8 @@ enum counter {
     GRANTED,                /* the extra capabilities added to conn->want */
     OPENDIRS_SEEN,          /* opendir requests passed to pyfuse3 */
     CACHED_LISTING_REPLIES, /* opendir replies sent with cache_readdir and keep_cache */
+    NOFLUSH_REPLIES,        /* open and create replies sent with noflush */
+    EXTRA_REQUESTS,         /* fallocate, lseek, copy_file_range and ioctl requests seen */
     COUNTERS
 };
 
@@ -113,6 +118,8 @@ static void wrapped_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_inf
     pyfuse3_opendir(req, ino, fi);
 }
 
+static void fill_extra_operations(struct fuse_lowlevel_ops *table);
+
 /* The table libfuse will use: pyfuse3's, with init and opendir wrapped. A table of another
  * size (pyfuse3 built against other headers) or a second session is passed on unchanged. */
 static const struct fuse_lowlevel_ops *wrap_operations(const struct fuse_lowlevel_ops *op,
@@ -132,6 +139,7 @@ static const struct fuse_lowlevel_ops *wrap_operations(const struct fuse_lowleve
     pyfuse3_opendir = op->opendir;
     wrapped_operations.init = wrapped_init;
     wrapped_operations.opendir = wrapped_opendir;
+    fill_extra_operations(&wrapped_operations);
     return &wrapped_operations;
 }
 
@@ -173,6 +181,7 @@ VERSIONED_SESSION_NEW(cowfs_session_new_317, "_fuse_session_new_317")
 VERSIONED_SESSION_NEW(cowfs_session_new_underscore, "_fuse_session_new")
 
 typedef int (*reply_open_t)(fuse_req_t, const struct fuse_file_info *);
+static const struct fuse_file_info *without_flush(const struct fuse_file_info *fi);
 typedef int (*reply_err_t)(fuse_req_t, int);
 
 EXPORTED int cowfs_reply_open(fuse_req_t req, const struct fuse_file_info *fi)
@@ -183,7 +192,7 @@ int cowfs_reply_open(fuse_req_t req, const struct fuse_file_info *fi)
     if (!real)
         real = (reply_open_t)next_symbol("fuse_reply_open");
     if (!forget_opendir(req))
-        return real(req, fi);
+        return real(req, without_flush(fi));
     struct fuse_file_info cached = *fi;
     cached.cache_readdir = 1;
     cached.keep_cache = 1;
@@ -227,4 +236,178 @@ EXPORTED unsigned long long cowfs_extensions_counter(int which)
     unsigned long long value = counters[which];
     pthread_mutex_unlock(&lock);
     return value;
+}
+
+/* -- operations pyfuse3 does not route: fallocate, lseek, copy_file_range, ioctl ----------
+ *
+ * pyfuse3 leaves these entries of the table empty, so libfuse answers ENOSYS and the kernel
+ * gives up on them (fallocate fails with EOPNOTSUPP, lseek misses every hole, ioctls fail
+ * with ENOTTY). Here each gets a small handler that packs the request into one struct and
+ * calls one Python function, registered through ctypes, synchronously: the handler runs
+ * inside libfuse's processing of the request, on pyfuse3's trio thread, and ctypes takes the
+ * GIL for the call. The Python side returns 0 or an errno and must not block for long.
+ * Without a registered function the answer stays ENOSYS. Nothing is filled where pyfuse3
+ * already has an entry (a future pyfuse3 that routes them itself wins). */
+
+enum extra_operation {
+    EXTRA_FALLOCATE = 1,        /* mode, offset, length */
+    EXTRA_LSEEK = 2,            /* offset, whence in mode; result: the new offset */
+    EXTRA_COPY_FILE_RANGE = 3,  /* fh -> fh_out, offset -> offset_out, length, flags in mode;
+                                 * result: bytes copied */
+    EXTRA_IOCTL = 4,            /* command in mode, ioctl flags; in/out payload; result: the
+                                 * ioctl's return value */
+};
+
+/* Mirrored by fuse_extensions.ExtraRequest: change both, and EXTENSIONS_ABI. */
+struct extra_request {
+    int32_t operation;
+    uint32_t flags;
+    uint64_t fh;
+    uint64_t fh_out;
+    int64_t offset;
+    int64_t offset_out;
+    int64_t length;
+    int64_t mode;
+    const void *in;
+    uint64_t in_size;
+    void *out;
+    uint64_t out_size;
+    int64_t result;
+};
+
+typedef int (*extra_handler_t)(struct extra_request *);
+
+/* The largest ioctl payload passed either way: the inode-flag ioctls carry 4 or 28 bytes. */
+#define IOCTL_PAYLOAD_MAX 4096
+
+static extra_handler_t extra_handler;
+static int no_flush;
+
+static const struct fuse_file_info *without_flush(const struct fuse_file_info *fi)
+{
+    static __thread struct fuse_file_info marked;
+    if (!no_flush || !fi)
+        return fi;
+    marked = *fi;
+    marked.noflush = 1;
+    pthread_mutex_lock(&lock);
+    counters[NOFLUSH_REPLIES]++;
+    pthread_mutex_unlock(&lock);
+    return &marked;
+}
+
+/* Run *request* through the Python side: 0, or the errno to reply with. */
+static int call_extra_handler(struct extra_request *request)
+{
+    pthread_mutex_lock(&lock);
+    counters[EXTRA_REQUESTS]++;
+    extra_handler_t handler = extra_handler;
+    pthread_mutex_unlock(&lock);
+    if (!handler)
+        return ENOSYS;
+    int err = handler(request);
+    return err < 0 ? EIO : err;
+}
+
+static void extra_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
+                            off_t length, struct fuse_file_info *fi)
+{
+    (void)ino;
+    struct extra_request request = {.operation = EXTRA_FALLOCATE, .fh = fi->fh,
+                                    .offset = offset, .length = length, .mode = mode};
+    fuse_reply_err(req, call_extra_handler(&request));
+}
+
+static void extra_lseek(fuse_req_t req, fuse_ino_t ino, off_t offset, int whence,
+                        struct fuse_file_info *fi)
+{
+    (void)ino;
+    struct extra_request request = {.operation = EXTRA_LSEEK, .fh = fi->fh, .offset = offset,
+                                    .mode = whence};
+    int err = call_extra_handler(&request);
+    if (err)
+        fuse_reply_err(req, err);
+    else
+        fuse_reply_lseek(req, request.result);
+}
+
+static void extra_copy_file_range(fuse_req_t req, fuse_ino_t ino_in, off_t offset_in,
+                                  struct fuse_file_info *fi_in, fuse_ino_t ino_out,
+                                  off_t offset_out, struct fuse_file_info *fi_out, size_t length,
+                                  int flags)
+{
+    (void)ino_in;
+    (void)ino_out;
+    struct extra_request request = {.operation = EXTRA_COPY_FILE_RANGE, .fh = fi_in->fh,
+                                    .fh_out = fi_out->fh, .offset = offset_in,
+                                    .offset_out = offset_out, .length = (int64_t)length,
+                                    .mode = flags};
+    int err = call_extra_handler(&request);
+    if (err)
+        fuse_reply_err(req, err);
+    else
+        fuse_reply_write(req, (size_t)request.result);
+}
+
+/* libfuse 3.14 headers declare the command as unsigned int, older ones as int. */
+static void extra_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int command, void *argument,
+                        struct fuse_file_info *fi, unsigned flags, const void *in_buffer,
+                        size_t in_size, size_t out_size)
+{
+    (void)ino;
+    (void)argument;
+    if (in_size > IOCTL_PAYLOAD_MAX || out_size > IOCTL_PAYLOAD_MAX) {
+        fuse_reply_err(req, ENOTTY);
+        return;
+    }
+    void *out = out_size ? calloc(1, out_size) : NULL;
+    if (out_size && !out) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    struct extra_request request = {.operation = EXTRA_IOCTL, .flags = flags, .fh = fi->fh,
+                                    .mode = command, .in = in_buffer, .in_size = in_size,
+                                    .out = out, .out_size = out_size};
+    int err = call_extra_handler(&request);
+    if (err)
+        fuse_reply_err(req, err);
+    else
+        fuse_reply_ioctl(req, (int)request.result, out, out_size);
+    free(out);
+}
+
+static void fill_extra_operations(struct fuse_lowlevel_ops *table)
+{
+    if (!table->fallocate)
+        table->fallocate = extra_fallocate;
+    if (!table->lseek)
+        table->lseek = extra_lseek;
+    if (!table->copy_file_range)
+        table->copy_file_range = extra_copy_file_range;
+    if (!table->ioctl)
+        table->ioctl = (void *)extra_ioctl;
+}
+
+typedef int (*reply_create_t)(fuse_req_t, const struct fuse_entry_param *,
+                              const struct fuse_file_info *);
+
+EXPORTED int cowfs_reply_create(fuse_req_t req, const struct fuse_entry_param *entry,
+                                const struct fuse_file_info *fi) __asm__("fuse_reply_create");
+int cowfs_reply_create(fuse_req_t req, const struct fuse_entry_param *entry,
+                       const struct fuse_file_info *fi)
+{
+    static reply_create_t real;
+    if (!real)
+        real = (reply_create_t)next_symbol("fuse_reply_create");
+    return real(req, entry, without_flush(fi));
+}
+
+/* The Python function that serves the extra operations (NULL: answer ENOSYS), and whether
+ * file open and create replies carry noflush. Call before pyfuse3.init. */
+EXPORTED void cowfs_extensions_set_handler(extra_handler_t handler, int noflush)
+{
+    pthread_mutex_lock(&lock);
+    extra_handler = handler;
+    no_flush = noflush;
+    pthread_mutex_unlock(&lock);
 }

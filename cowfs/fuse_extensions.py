@@ -9,11 +9,13 @@ docs/ARCHITECTURE.md says why this and not a patched pyfuse3.
 """
 
 import dataclasses
+import errno
+import functools
 import importlib.machinery
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +23,7 @@ log = logging.getLogger(__name__)
 # opendir and fail a request. Another version runs without the extensions.
 KNOWN_PYFUSE3 = "3.5.0"
 # The control functions' version in _fuse_extensions.c (EXTENSIONS_ABI).
-EXTENSIONS_ABI = 1
+EXTENSIONS_ABI = 2
 # libfuse's FUSE_CAP_CACHE_SYMLINKS: the kernel keeps symlink targets in the page cache.
 CAP_CACHE_SYMLINKS = 1 << 23
 # FOPEN_CACHE_DIR came with FUSE protocol 7.28 (Linux 4.20); older kernels ignore the flag.
@@ -29,7 +31,10 @@ CACHE_DIR_PROTOCOL_MINOR = 28
 
 # Counter indices in _fuse_extensions.c (enum counter).
 SESSIONS_WRAPPED, INIT_CALLS, PROTOCOL_MINOR, CAPABLE, GRANTED, OPENDIRS_SEEN, \
-    CACHED_LISTING_REPLIES = range(7)
+    CACHED_LISTING_REPLIES, NOFLUSH_REPLIES, EXTRA_REQUESTS = range(9)
+
+# The extra operations' codes in _fuse_extensions.c (enum extra_operation).
+EXTRA_FALLOCATE, EXTRA_LSEEK, EXTRA_COPY_FILE_RANGE, EXTRA_IOCTL = 1, 2, 3, 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,15 +44,22 @@ class KernelFeatures:
     cache_listings: bool = False    # directory listings kept across opens (FOPEN_CACHE_DIR)
     cache_symlinks: bool = False    # symlink targets kept (FUSE_CAP_CACHE_SYMLINKS)
     reason: str | None = None       # why the extensions are off, when they are
+    # Requests pyfuse3 does not route, served through the library: fallocate, lseek with
+    # SEEK_DATA/SEEK_HOLE, copy_file_range, the inode-flag ioctls (lsattr, chattr).
+    fallocate: bool = False
+    lseek: bool = False
+    copy_file_range: bool = False
+    fileattr_ioctls: bool = False
+    noflush: bool = False           # no FLUSH request at close (FOPEN_NOFLUSH)
 
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, object]) -> "KernelFeatures":
-        return cls(cache_listings=bool(values.get("cache_listings")),
-                   cache_symlinks=bool(values.get("cache_symlinks")),
-                   reason=values.get("reason") or None)    # type: ignore[arg-type]
+        flags = {field.name: bool(values.get(field.name)) for field in dataclasses.fields(cls)
+                 if field.name != "reason"}
+        return cls(**flags, reason=values.get("reason") or None)    # type: ignore[arg-type]
 
 
 class _Library:
@@ -57,9 +69,71 @@ class _Library:
         library.cowfs_extensions_counter.restype = ctypes.c_ulonglong
         library.cowfs_extensions_counter.argtypes = [ctypes.c_int]
         library.cowfs_extensions_configure.argtypes = [ctypes.c_int, ctypes.c_uint]
+        library.cowfs_extensions_set_handler.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        # The C function pointer must live as long as the library may call it.
+        self.handler: Any = None
+        self.noflush = False
 
     def counter(self, which: int) -> int:
         return int(self.library.cowfs_extensions_counter(which))
+
+    def route(self, operations: "ExtraOperations", noflush: bool) -> None:
+        import ctypes
+        request_type = ctypes.POINTER(_extra_request_type())
+        self.handler = ctypes.CFUNCTYPE(ctypes.c_int, request_type)(
+            functools.partial(_serve_extra_request, operations))
+        self.noflush = noflush
+        self.library.cowfs_extensions_set_handler(
+            ctypes.cast(self.handler, ctypes.c_void_p), int(noflush))
+
+
+@functools.cache
+def _extra_request_type() -> Any:
+    """struct extra_request of _fuse_extensions.c, built on first use (ctypes loads late)."""
+    import ctypes
+
+    class ExtraRequest(ctypes.Structure):
+        _fields_ = [("operation", ctypes.c_int32), ("flags", ctypes.c_uint32),
+                    ("fh", ctypes.c_uint64), ("fh_out", ctypes.c_uint64),
+                    ("offset", ctypes.c_int64), ("offset_out", ctypes.c_int64),
+                    ("length", ctypes.c_int64), ("mode", ctypes.c_int64),
+                    ("input", ctypes.c_void_p), ("in_size", ctypes.c_uint64),
+                    ("output", ctypes.c_void_p), ("out_size", ctypes.c_uint64),
+                    ("result", ctypes.c_int64)]
+    return ExtraRequest
+
+
+def _serve_extra_request(operations: "ExtraOperations", pointer: Any) -> int:
+    """The library's callback: one request, answered with 0 (result filled in) or an errno.
+
+    Nothing may escape: an exception out of a ctypes callback is printed and 0 returned,
+    which would reply success with no result."""
+    import ctypes
+    try:
+        request = pointer.contents
+        if request.operation == EXTRA_FALLOCATE:
+            operations.fallocate(request.fh, request.mode, request.offset, request.length)
+            request.result = 0
+        elif request.operation == EXTRA_LSEEK:
+            request.result = operations.lseek(request.fh, request.offset, request.mode)
+        elif request.operation == EXTRA_COPY_FILE_RANGE:
+            request.result = operations.copy_file_range(
+                request.fh, request.offset, request.fh_out, request.offset_out,
+                request.length, request.mode)
+        elif request.operation == EXTRA_IOCTL:
+            data = ctypes.string_at(request.input, request.in_size) if request.in_size else b""
+            result, output = operations.ioctl(request.fh, request.mode & 0xFFFFFFFF,
+                                              request.flags, data, request.out_size)
+            ctypes.memmove(request.output, output, min(len(output), request.out_size))
+            request.result = result
+        else:
+            return errno.ENOSYS
+        return 0
+    except OSError as exc:
+        return exc.errno or errno.EIO
+    except BaseException:
+        log.exception("extra operation failed")
+        return errno.EIO
 
 
 _library: _Library | None = None
@@ -138,9 +212,12 @@ def features() -> KernelFeatures:
     symlinks = bool(_library.counter(GRANTED) & CAP_CACHE_SYMLINKS)
     missing = [name for name, active in (("cached listings", listings),
                                          ("cached symlinks", symlinks)) if not active]
+    routed = _library.handler is not None
     return KernelFeatures(listings, symlinks,
                           f"the kernel does not offer {' and '.join(missing)}" if missing
-                          else None)
+                          else None,
+                          fallocate=routed, lseek=routed, copy_file_range=routed,
+                          fileattr_ioctls=routed, noflush=_library.noflush)
 
 
 def counters() -> dict[str, int]:
@@ -148,4 +225,33 @@ def counters() -> dict[str, int]:
     if _library is None:
         return {}
     return {"opendirs_seen": _library.counter(OPENDIRS_SEEN),
-            "cached_listing_replies": _library.counter(CACHED_LISTING_REPLIES)}
+            "cached_listing_replies": _library.counter(CACHED_LISTING_REPLIES),
+            "noflush_replies": _library.counter(NOFLUSH_REPLIES),
+            "extra_requests": _library.counter(EXTRA_REQUESTS)}
+
+
+# -- the operations pyfuse3 does not route ------------------------------------------------
+
+
+class ExtraOperations(Protocol):
+    """What serves the requests pyfuse3 does not route. Called synchronously on pyfuse3's
+    trio thread, inside libfuse's processing of the request: no awaiting, nothing that may
+    block for long. An OSError becomes its errno."""
+
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None: ...
+
+    def lseek(self, fh: int, offset: int, whence: int) -> int: ...
+
+    def copy_file_range(self, fh_in: int, offset_in: int, fh_out: int, offset_out: int,
+                        length: int, flags: int) -> int: ...
+
+    def ioctl(self, fh: int, command: int, flags: int, data: bytes, out_size: int
+              ) -> tuple[int, bytes]: ...
+
+
+def route_extra_operations(operations: ExtraOperations, *, noflush: bool = True) -> None:
+    """Have the library hand fallocate, lseek, copy_file_range and ioctl requests to
+    *operations*, and (with *noflush*) ask for no FLUSH at close; call before pyfuse3.init.
+    Without the library nothing happens and those requests fail as under plain pyfuse3."""
+    if _library is not None:
+        _library.route(operations, noflush)
