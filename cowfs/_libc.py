@@ -25,6 +25,32 @@ def _check(result: int, call: str, name: str | None = None) -> None:
         raise OSError(error, f"{call}: {os.strerror(error)}", name)
 
 
+# fallocate(2) modes; the FUSE kernel passes only KEEP_SIZE, PUNCH_HOLE and ZERO_RANGE on.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_COLLAPSE_RANGE = 0x08
+FALLOC_FL_ZERO_RANGE = 0x10
+FALLOC_FL_INSERT_RANGE = 0x20
+
+# The inode-flag ioctls (lsattr, chattr, xfs_io's fsxattr); payload sizes as the kernel's
+# FUSE passes them: an unsigned int, a struct fsxattr.
+FS_IOC_GETFLAGS = 0x80086601      # _IOR('f', 1, long)
+FS_IOC_SETFLAGS = 0x40086602      # _IOW('f', 2, long)
+FS_IOC_FSGETXATTR = 0x801C581F    # _IOR('X', 31, struct fsxattr)
+FS_IOC_FSSETXATTR = 0x401C5820    # _IOW('X', 32, struct fsxattr)
+FS_IMMUTABLE_FL = 0x10            # in FS_IOC_SETFLAGS's flags
+FS_APPEND_FL = 0x20
+FS_XFLAG_APPEND = 0x10            # in struct fsxattr's fsx_xflags
+
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode (os.posix_fallocate has none and hides the errno)."""
+    _check(_libc.fallocate(fd, mode, offset, length), "fallocate")
+
+
 def syncfs(fd: int) -> None:
     """Write back everything of the filesystem *fd* is on (not only one file, as fsync)."""
     _check(_libc.syncfs(fd), "syncfs")

@@ -21,7 +21,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from cowfs import fuse_extensions
+from cowfs import _libc, fuse_extensions
 from cowfs.durability import BATCH, BATCH_DELAY_S, VOLATILE, Durability
 from cowfs.idmap import IDENTITY, IdMap
 from cowfs.inodes import InodeTable, Node, NodeId
@@ -592,6 +592,70 @@ class Operations(pyfuse3.Operations):
             raise
 
 
+    # -- requests pyfuse3 does not route ------------------------------------------------------
+    # Served through `fuse_extensions.route_extra_operations`: synchronous calls on the trio
+    # thread, inside libfuse's processing of the request, so nothing here awaits or waits
+    # for another request; an OSError becomes its errno there.
+
+    def _open_file(self, fh: int) -> FileHandle:
+        try:
+            return self._file_handles[fh]
+        except KeyError:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF)) from None
+
+    def _handle_entry(self, fh: int) -> Entry:
+        """The file or directory an open handle is on (the kernel opens either for ioctls)."""
+        directory = self._directory_handles.get(fh)
+        return directory.node.entry if directory is not None else self._open_file(fh).entry
+
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """Every mode the FUSE kernel passes on (KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE); the file
+        is open for writing, so the open copied it up already."""
+        self.requests["fallocate"] += 1
+        log.debug("fallocate(%d, %#x, %d, %d)", fh, mode, offset, length)
+        self.union.allocate(self._open_file(fh).fd, mode, offset, length)
+
+    def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA and SEEK_HOLE, the only ones the kernel asks: so `cp --sparse`, tar and
+        qemu-img see the holes of the copy readers see."""
+        self.requests["lseek"] += 1
+        log.debug("lseek(%d, %d, %d)", fh, offset, whence)
+        return self.union.seek(self._readable_fd(self._open_file(fh)), offset, whence)
+
+    def copy_file_range(self, fh_in: int, offset_in: int, fh_out: int, offset_out: int,
+                        length: int, flags: int) -> int:
+        """Done by the kernel on the backing files; a short count past Union's bound."""
+        self.requests["copy_file_range"] += 1
+        log.debug("copy_file_range(%d, %d, %d, %d, %d)", fh_in, offset_in, fh_out, offset_out,
+                  length)
+        if flags:
+            raise OSError(errno.EINVAL, "copy_file_range takes no flags")
+        source = self._readable_fd(self._open_file(fh_in))
+        return self.union.copy_range(source, offset_in, self._open_file(fh_out).fd, offset_out,
+                                     length)
+
+    def ioctl(self, fh: int, command: int, flags: int, data: bytes, out_size: int
+              ) -> tuple[int, bytes]:
+        """The inode-flag ioctls the kernel sends for lsattr and chattr (it opens the file or
+        directory for them); every other command is ENOTTY, as on a filesystem without it."""
+        self.requests["ioctl"] += 1
+        log.debug("ioctl(%d, %#x, %#x, %d bytes in, %d out)", fh, command, flags, len(data),
+                  out_size)
+        if command in (_libc.FS_IOC_GETFLAGS, _libc.FS_IOC_FSGETXATTR):
+            return 0, self.union.get_file_attributes(self._handle_entry(fh), command, out_size)
+        if command in (_libc.FS_IOC_SETFLAGS, _libc.FS_IOC_FSSETXATTR):
+            entry = self._handle_entry(fh)
+            if entry in self._copying:
+                # Its copy-up runs in a worker thread, and this call cannot wait for it.
+                raise OSError(errno.EAGAIN, "a copy-up of this file is under way")
+            self.union.set_file_attributes(entry, command, data)
+            node_id = self.nodes.known_id(entry)
+            if node_id is not None:
+                self._invalidate_attributes(node_id)     # ctime, and a copy-up's blocks
+            return 0, b""
+        raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY))
+
+
 def fuse_options(*, readonly: bool, fsname: str = "cowfs") -> set[str]:
     options = {f"fsname={fsname}", "subtype=cowfs", "default_permissions"}
     if os.geteuid() == 0:
@@ -628,6 +692,7 @@ def raise_read_ahead(mountpoint: str) -> None:
 
 def mount(operations: Operations, mountpoint: str, options: set[str]) -> None:
     """Make the mount (the kernel queues requests until `serve` runs)."""
+    fuse_extensions.route_extra_operations(operations)
     pyfuse3.init(operations, mountpoint, options)
     fuse_extensions.check_session()
     raise_read_ahead(mountpoint)

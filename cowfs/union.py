@@ -13,6 +13,7 @@ xattrs, link's source) acts on the file itself whatever happened to its names si
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -32,6 +33,9 @@ _WRITE_ACCESS = os.O_WRONLY | os.O_RDWR
 # O_APPEND would make the kernel's positioned writes append, the page cache is not aligned.
 _DROPPED_OPEN_FLAGS = (os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY | os.O_DIRECT)
 _SPECIAL_MODE_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
+# The most one copy_range call copies: a request is served while all others wait, and an
+# in-kernel copy of this much takes milliseconds (a reflink, any length, takes none).
+COPY_RANGE_MAX_BYTES = 16 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,14 +367,84 @@ class Union:
         truncating = bool(flags & os.O_TRUNC)
         if flags & _WRITE_ACCESS or truncating:
             self._copy_up_entry(entry, data=not truncating)
-        flags = (flags & ~_DROPPED_OPEN_FLAGS) | os.O_CLOEXEC
+        requested, flags = flags, (flags & ~_DROPPED_OPEN_FLAGS) | os.O_CLOEXEC
         if entry.metacopy and not truncating:
             return lookup.open_data(self.fds, entry, flags | os.O_NOFOLLOW)
         directory_fd, name = entry.location(self.fds)
-        fd = _at.open_location(directory_fd, name, flags)
+        try:
+            fd = _at.open_location(directory_fd, name, flags)
+        except PermissionError:
+            if not requested & os.O_APPEND or not flags & _WRITE_ACCESS:
+                raise
+            # An append-only file (chattr +a) opens for writing only with O_APPEND; the
+            # kernel's writes to it come at its end anyway.
+            fd = _at.open_location(directory_fd, name, flags | os.O_APPEND)
         if entry.metacopy:
             self._writer().drop_metacopy(entry)   # truncated: no lower data is wanted any more
         return fd
+
+    # -- operations on open files (fds from `open` and `create`) -----------------------------
+
+    @staticmethod
+    def allocate(fd: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on a file open for writing (opening it so copied it up)."""
+        _libc.fallocate(fd, mode, offset, length)
+
+    @staticmethod
+    def seek(fd: int, offset: int, whence: int) -> int:
+        """lseek(2) with SEEK_DATA or SEEK_HOLE: where the data or the next hole is (ENXIO
+        past the end). The fd's own position is not used by cowfs's reads and writes."""
+        return os.lseek(fd, offset, whence)
+
+    @staticmethod
+    def copy_range(source_fd: int, source_offset: int, target_fd: int, target_offset: int,
+                   length: int) -> int:
+        """Copy up to *length* bytes in the kernel (a reflink or an in-kernel copy), never
+        through Python's memory; at most COPY_RANGE_MAX_BYTES a call, so one request does not
+        hold up the others (callers loop on a short count, as copy_file_range(2) allows).
+        Backing files on different filesystems fall back to sendfile(2), in the kernel too."""
+        length = min(length, COPY_RANGE_MAX_BYTES)
+        try:
+            return os.copy_file_range(source_fd, target_fd, length, source_offset,
+                                      target_offset)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP):
+                raise
+        # sendfile writes at the target's position: cowfs itself only uses pwrite on it.
+        os.lseek(target_fd, target_offset, os.SEEK_SET)
+        return os.sendfile(target_fd, source_fd, source_offset, length)
+
+    def get_file_attributes(self, entry: Entry, command: int, size: int) -> bytes:
+        """The inode flags (FS_IOC_GETFLAGS) or fsxattr (FS_IOC_FSGETXATTR) of the entry's
+        current copy: the lower file's until it is copied up, as the kernel's overlay reads."""
+        fd = self._open_for_attributes(entry)
+        try:
+            answer = bytearray(size)
+            fcntl.ioctl(fd, command, answer)
+            return bytes(answer)
+        finally:
+            os.close(fd)
+
+    def set_file_attributes(self, entry: Entry, command: int, data: bytes) -> None:
+        """FS_IOC_SETFLAGS / FS_IOC_FSSETXATTR on the upper copy, copied up first (metadata
+        only where allowed, as the kernel's overlay; with the data when the new flags make the
+        file append-only, which would forbid filling the data in later)."""
+        self._copy_up_entry(entry, data=_makes_append_only(command, data))
+        fd = self._open_for_attributes(entry)
+        try:
+            fcntl.ioctl(fd, command, data)
+        finally:
+            os.close(fd)
+        entry.stat = self.stat(entry)
+
+    def _open_for_attributes(self, entry: Entry) -> int:
+        """An fd on the copy itself (a metacopy's own inode, not its data), opened without
+        side effects: no read permission is needed for the inode-flag ioctls."""
+        if not (entry.is_directory or stat.S_ISREG(entry.stat.st_mode)):
+            raise _error(errno.ENOTTY, entry.describe())
+        directory_fd, name = entry.location(self.fds)
+        return _at.open_location(directory_fd, name,
+                                 os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
 
     def readlink(self, entry: Entry) -> str:
         if entry.is_directory:
@@ -745,6 +819,7 @@ class Union:
         if len(entry.names) == 1:
             entry.pin(self.fds)
         if known.layer != UPPER:
+            _check_deletable_in(directory_fd)
             self._place_whiteout(directory_fd, name, replace=False)
         elif known.has_lower:
             self._place_whiteout(directory_fd, name, replace=True,
@@ -877,6 +952,32 @@ class Union:
         source_lower, target_lower = source_name.has_lower, target_name.has_lower
         self._move(source, source_name, target_parent, old_target, has_lower=target_lower)
         self._move(target, target_name, source_parent, old_source, has_lower=source_lower)
+
+
+def _check_deletable_in(directory_fd: int) -> None:
+    """EPERM in an append-only or immutable upper directory (chattr +a/+i), as the kernel's
+    VFS answers: a new whiteout only adds an entry, which the upper's filesystem allows, and
+    the FUSE kernel does not know the flags. Filesystems without inode flags pass."""
+    fd = os.open(_at.fd_path(directory_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        answer = bytearray(4)
+        fcntl.ioctl(fd, _libc.FS_IOC_GETFLAGS, answer)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
+            return
+        raise
+    finally:
+        os.close(fd)
+    if int.from_bytes(answer, "little") & (_libc.FS_APPEND_FL | _libc.FS_IMMUTABLE_FL):
+        raise _error(errno.EPERM)
+
+
+def _makes_append_only(command: int, data: bytes) -> bool:
+    if command == _libc.FS_IOC_SETFLAGS and len(data) >= 4:
+        return bool(int.from_bytes(data[:4], "little") & _libc.FS_APPEND_FL)
+    if command == _libc.FS_IOC_FSSETXATTR and len(data) >= 4:
+        return bool(int.from_bytes(data[:4], "little") & _libc.FS_XFLAG_APPEND)
+    return False
 
 
 def _remove_quietly(directory_fd: int, name: str) -> None:
