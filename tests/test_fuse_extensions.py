@@ -17,6 +17,10 @@ pytestmark = pytest.mark.mounts
 # The VM may drop page cache (a cached listing with it) behind our backs: a warm listing gets
 # this many tries to show it was served by the kernel, and fails only if every one was not.
 WARM_ATTEMPTS = 5
+# The requests pyfuse3 does not route, and no FLUSH, through the same library
+# (tests/test_extra_operations.py tests each).
+ROUTED = dict.fromkeys(("fallocate", "lseek", "copy_file_range", "fileattr_ioctls", "noflush"),
+                       True)
 
 
 def statistics(merged: Path) -> dict:
@@ -61,7 +65,7 @@ def test_a_warm_listing_and_symlink_are_served_by_the_kernel(tree) -> None:
         assert "readlink" not in warm_requests(merged, lambda: os.readlink(merged / "link"))
         shown = statistics(merged)
         assert shown["kernel_features"] == {"cache_listings": True, "cache_symlinks": True,
-                                            "reason": None}
+                                            "reason": None, **ROUTED}
         assert shown["cached_listing_replies"] >= 1
 
 
@@ -74,7 +78,8 @@ def test_switched_off_every_listing_reaches_the_daemon(tree) -> None:
         assert warm_requests(merged, lambda: os.readlink(merged / "link"))["readlink"] == 1
         features = statistics(merged)["kernel_features"]
         assert features == {"cache_listings": False, "cache_symlinks": False,
-                            "reason": "turned off (-o kernel_caches=off)"}
+                            "reason": "turned off (-o kernel_caches=off)",
+                            **dict.fromkeys(ROUTED, False)}
         assert "without the kernel-cache extensions" in mount.log()
 
 
@@ -111,7 +116,7 @@ def test_the_library_reports_the_features(tree) -> None:
     lower, upper, merged = tree
     with cowfs.mounted([str(lower)], str(merged), upper=str(upper)) as mount:
         features = mount.kernel_features()
-    assert features == cowfs.KernelFeatures(cache_listings=True, cache_symlinks=True)
+    assert features == cowfs.KernelFeatures(cache_listings=True, cache_symlinks=True, **ROUTED)
 
 
 def test_features_of_a_process_that_loaded_nothing() -> None:
