@@ -958,7 +958,10 @@ def _check_deletable_in(directory_fd: int) -> None:
     """EPERM in an append-only or immutable upper directory (chattr +a/+i), as the kernel's
     VFS answers: a new whiteout only adds an entry, which the upper's filesystem allows, and
     the FUSE kernel does not know the flags. Filesystems without inode flags pass."""
-    fd = os.open(_at.fd_path(directory_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(_at.fd_path(directory_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except PermissionError:
+        return          # an unprivileged daemon that may not read it: the flags stay unknown
     try:
         answer = bytearray(4)
         fcntl.ioctl(fd, _libc.FS_IOC_GETFLAGS, answer)
