@@ -280,8 +280,24 @@ typedef int (*extra_handler_t)(struct extra_request *);
 /* The largest ioctl payload passed either way: the inode-flag ioctls carry 4 or 28 bytes. */
 #define IOCTL_PAYLOAD_MAX 4096
 
+/* The ioctl commands the Python side serves; every other one is answered ENOTTY here, without
+ * a call into Python (Python's open() alone sends TCGETS for isatty on every file). */
+#define SERVED_IOCTLS_MAX 8
+
 static extra_handler_t extra_handler;
 static int no_flush;
+static unsigned int served_ioctls[SERVED_IOCTLS_MAX];
+static unsigned int served_ioctl_count;
+
+static int serves_ioctl(unsigned int command)
+{
+    int served = 0;
+    pthread_mutex_lock(&lock);
+    for (unsigned int i = 0; i < served_ioctl_count; i++)
+        served |= served_ioctls[i] == command;
+    pthread_mutex_unlock(&lock);
+    return served;
+}
 
 static const struct fuse_file_info *without_flush(const struct fuse_file_info *fi)
 {
@@ -356,7 +372,7 @@ static void extra_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int command, vo
 {
     (void)ino;
     (void)argument;
-    if (in_size > IOCTL_PAYLOAD_MAX || out_size > IOCTL_PAYLOAD_MAX) {
+    if (!serves_ioctl(command) || in_size > IOCTL_PAYLOAD_MAX || out_size > IOCTL_PAYLOAD_MAX) {
         fuse_reply_err(req, ENOTTY);
         return;
     }
@@ -402,12 +418,17 @@ int cowfs_reply_create(fuse_req_t req, const struct fuse_entry_param *entry,
     return real(req, entry, without_flush(fi));
 }
 
-/* The Python function that serves the extra operations (NULL: answer ENOSYS), and whether
- * file open and create replies carry noflush. Call before pyfuse3.init. */
-EXPORTED void cowfs_extensions_set_handler(extra_handler_t handler, int noflush)
+/* The Python function that serves the extra operations (NULL: answer ENOSYS), the ioctl
+ * commands it serves (at most SERVED_IOCTLS_MAX), and whether file open and create replies
+ * carry noflush. Call before pyfuse3.init. */
+EXPORTED void cowfs_extensions_set_handler(extra_handler_t handler, const unsigned int *ioctls,
+                                           unsigned int ioctl_count, int noflush)
 {
     pthread_mutex_lock(&lock);
     extra_handler = handler;
+    served_ioctl_count = ioctl_count < SERVED_IOCTLS_MAX ? ioctl_count : SERVED_IOCTLS_MAX;
+    for (unsigned int i = 0; i < served_ioctl_count; i++)
+        served_ioctls[i] = ioctls[i];
     no_flush = noflush;
     pthread_mutex_unlock(&lock);
 }

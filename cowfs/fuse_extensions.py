@@ -69,7 +69,8 @@ class _Library:
         library.cowfs_extensions_counter.restype = ctypes.c_ulonglong
         library.cowfs_extensions_counter.argtypes = [ctypes.c_int]
         library.cowfs_extensions_configure.argtypes = [ctypes.c_int, ctypes.c_uint]
-        library.cowfs_extensions_set_handler.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        library.cowfs_extensions_set_handler.argtypes = [
+            ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint), ctypes.c_uint, ctypes.c_int]
         # The C function pointer must live as long as the library may call it.
         self.handler: Any = None
         self.noflush = False
@@ -83,8 +84,9 @@ class _Library:
         self.handler = ctypes.CFUNCTYPE(ctypes.c_int, request_type)(
             functools.partial(_serve_extra_request, operations))
         self.noflush = noflush
+        ioctls = (ctypes.c_uint * len(operations.IOCTL_COMMANDS))(*operations.IOCTL_COMMANDS)
         self.library.cowfs_extensions_set_handler(
-            ctypes.cast(self.handler, ctypes.c_void_p), int(noflush))
+            ctypes.cast(self.handler, ctypes.c_void_p), ioctls, len(ioctls), int(noflush))
 
 
 @functools.cache
@@ -237,6 +239,9 @@ class ExtraOperations(Protocol):
     """What serves the requests pyfuse3 does not route. Called synchronously on pyfuse3's
     trio thread, inside libfuse's processing of the request: no awaiting, nothing that may
     block for long. An OSError becomes its errno."""
+
+    # The ioctl commands `ioctl` serves: the library answers every other one ENOTTY itself.
+    IOCTL_COMMANDS: tuple[int, ...]
 
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None: ...
 

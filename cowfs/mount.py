@@ -597,6 +597,11 @@ class Operations(pyfuse3.Operations):
     # thread, inside libfuse's processing of the request, so nothing here awaits or waits
     # for another request; an OSError becomes its errno there.
 
+    # The inode-flag ioctls the kernel's fileattr code sends (lsattr, chattr).
+    FILE_ATTRIBUTE_READS = (_libc.FS_IOC_GETFLAGS, _libc.FS_IOC_FSGETXATTR)
+    FILE_ATTRIBUTE_WRITES = (_libc.FS_IOC_SETFLAGS, _libc.FS_IOC_FSSETXATTR)
+    IOCTL_COMMANDS = FILE_ATTRIBUTE_READS + FILE_ATTRIBUTE_WRITES
+
     def _open_file(self, fh: int) -> FileHandle:
         try:
             return self._file_handles[fh]
@@ -637,13 +642,14 @@ class Operations(pyfuse3.Operations):
     def ioctl(self, fh: int, command: int, flags: int, data: bytes, out_size: int
               ) -> tuple[int, bytes]:
         """The inode-flag ioctls the kernel sends for lsattr and chattr (it opens the file or
-        directory for them); every other command is ENOTTY, as on a filesystem without it."""
+        directory for them); every other command is ENOTTY, as on a filesystem without it
+        (the library answers those itself: only IOCTL_COMMANDS arrive here)."""
         self.requests["ioctl"] += 1
         log.debug("ioctl(%d, %#x, %#x, %d bytes in, %d out)", fh, command, flags, len(data),
                   out_size)
-        if command in (_libc.FS_IOC_GETFLAGS, _libc.FS_IOC_FSGETXATTR):
+        if command in self.FILE_ATTRIBUTE_READS:
             return 0, self.union.get_file_attributes(self._handle_entry(fh), command, out_size)
-        if command in (_libc.FS_IOC_SETFLAGS, _libc.FS_IOC_FSSETXATTR):
+        if command in self.FILE_ATTRIBUTE_WRITES:
             entry = self._handle_entry(fh)
             if entry in self._copying:
                 # Its copy-up runs in a worker thread, and this call cannot wait for it.
