@@ -5,13 +5,15 @@
  * (its opendir handler takes a handle number only) nor to ask INIT for more capabilities. It
  * calls libfuse through dynamic symbols, though, and this library, loaded with RTLD_GLOBAL
  * before pyfuse3 is imported, comes first in the global scope, so pyfuse3's references bind
- * here (an unversioned definition satisfies a versioned reference). Three things are done:
+ * here (an unversioned definition satisfies a versioned reference). What is done:
  *
  *   - session creation: the operations table is copied and two entries wrapped, `init` (after
  *     pyfuse3's own, the capabilities cowfs asked for are added to `want`, where the kernel
- *     offers them) and `opendir` (the request is remembered);
+ *     offers them) and `opendir` (the request is remembered); the entries pyfuse3 leaves
+ *     empty (fallocate, lseek, copy_file_range, ioctl) are filled (the last section);
  *   - fuse_reply_open: a reply to a remembered opendir carries cache_readdir and keep_cache,
- *     so the kernel keeps the listing in the directory's page cache across opens;
+ *     so the kernel keeps the listing in the directory's page cache across opens; a file's
+ *     carries noflush, as does fuse_reply_create's, when asked;
  *   - fuse_reply_err: a failed opendir is forgotten.
  *
  * Everything else goes to libfuse untouched (dlsym RTLD_NEXT: the library this one links).
