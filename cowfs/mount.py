@@ -625,7 +625,8 @@ class Operations(pyfuse3.Operations):
         qemu-img see the holes of the copy readers see."""
         self.requests["lseek"] += 1
         log.debug("lseek(%d, %d, %d)", fh, offset, whence)
-        return self.union.seek(self._readable_fd(self._open_file(fh)), offset, whence)
+        handle = self._open_file(fh)
+        return self.union.seek(handle.entry, self._readable_fd(handle), offset, whence)
 
     def copy_file_range(self, fh_in: int, offset_in: int, fh_out: int, offset_out: int,
                         length: int, flags: int) -> int:

@@ -390,11 +390,23 @@ class Union:
         """fallocate(2) on a file open for writing (opening it so copied it up)."""
         _libc.fallocate(fd, mode, offset, length)
 
-    @staticmethod
-    def seek(fd: int, offset: int, whence: int) -> int:
-        """lseek(2) with SEEK_DATA or SEEK_HOLE: where the data or the next hole is (ENXIO
-        past the end). The fd's own position is not used by cowfs's reads and writes."""
-        return os.lseek(fd, offset, whence)
+    def seek(self, entry: Entry, fd: int, offset: int, whence: int) -> int:
+        """lseek(2) with SEEK_DATA or SEEK_HOLE on *fd*, open on *entry*: where the data or
+        the next hole is (ENXIO past the end). The fd's own position is not used by cowfs's
+        reads and writes.
+
+        A backing file that knows no holes (EINVAL: a special file bound into a layer) is all
+        data up to the entry's size, as the kernel answers for filesystems without SEEK_DATA
+        (and as the FUSE kernel did before cowfs served lseek)."""
+        try:
+            return os.lseek(fd, offset, whence)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+                raise
+        size = self.stat(entry).st_size
+        if not 0 <= offset < size:
+            raise _error(errno.ENXIO)
+        return offset if whence == os.SEEK_DATA else size
 
     @staticmethod
     def copy_range(source_fd: int, source_offset: int, target_fd: int, target_offset: int,
@@ -402,7 +414,9 @@ class Union:
         """Copy up to *length* bytes in the kernel (a reflink or an in-kernel copy), never
         through Python's memory; at most COPY_RANGE_MAX_BYTES a call, so one request does not
         hold up the others (callers loop on a short count, as copy_file_range(2) allows).
-        Backing files on different filesystems fall back to sendfile(2), in the kernel too."""
+        Backing files on different filesystems fall back to sendfile(2), in the kernel too;
+        where that cannot serve either, EOPNOTSUPP has the kernel copy through read and write
+        requests instead."""
         length = min(length, COPY_RANGE_MAX_BYTES)
         try:
             return os.copy_file_range(source_fd, target_fd, length, source_offset,
@@ -412,7 +426,12 @@ class Union:
                 raise
         # sendfile writes at the target's position: cowfs itself only uses pwrite on it.
         os.lseek(target_fd, target_offset, os.SEEK_SET)
-        return os.sendfile(target_fd, source_fd, source_offset, length)
+        try:
+            return os.sendfile(target_fd, source_fd, source_offset, length)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            raise _error(errno.EOPNOTSUPP) from None
 
     def get_file_attributes(self, entry: Entry, command: int, size: int) -> bytes:
         """The inode flags (FS_IOC_GETFLAGS) or fsxattr (FS_IOC_FSGETXATTR) of the entry's
