@@ -978,7 +978,7 @@ def _check_deletable_in(directory_fd: int) -> None:
     VFS answers: a new whiteout only adds an entry, which the upper's filesystem allows, and
     the FUSE kernel does not know the flags. Filesystems without inode flags pass."""
     try:
-        fd = os.open(_at.fd_path(directory_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = _at.open_location(directory_fd, None, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except PermissionError:
         return          # an unprivileged daemon that may not read it: the flags stay unknown
     try:
