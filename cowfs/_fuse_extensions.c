@@ -14,7 +14,10 @@
  *   - fuse_reply_open: a reply to a remembered opendir carries cache_readdir and keep_cache,
  *     so the kernel keeps the listing in the directory's page cache across opens; a file's
  *     carries noflush, as does fuse_reply_create's, when asked;
- *   - fuse_reply_err: a failed opendir is forgotten.
+ *   - fuse_reply_err: a failed opendir is forgotten;
+ *   - plain READDIR (the kernel sends it with READDIRPLUS_AUTO where no entry's attributes
+ *     are wanted) goes to pyfuse3's readdirplus handler, and the entries it adds are written
+ *     as plain ones (fuse_add_direntry_plus, fuse_reply_buf: the last section).
  *
  * Everything else goes to libfuse untouched (dlsym RTLD_NEXT: the library this one links).
  * Only libfuse's public, stable ABI is used (the operations table's leading members, the
@@ -36,7 +39,7 @@
 #define EXPORTED __attribute__((visibility("default")))
 
 /* Bumped when the control functions below change: the Python side refuses another value. */
-#define EXTENSIONS_ABI 2
+#define EXTENSIONS_ABI 3
 
 /* Opendir requests are answered in order, a few at a time: more than this many outstanding
  * means pyfuse3 dropped some without a reply, and the oldest are overwritten. A stale entry
@@ -54,6 +57,7 @@ enum counter {
     CACHED_LISTING_REPLIES, /* opendir replies sent with cache_readdir and keep_cache */
     NOFLUSH_REPLIES,        /* open and create replies sent with noflush */
     EXTRA_REQUESTS,         /* fallocate, lseek, copy_file_range and ioctl requests seen */
+    PLAIN_READDIRS,         /* plain READDIR requests served through pyfuse3's readdirplus */
     COUNTERS
 };
 
@@ -121,6 +125,7 @@ static void wrapped_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_inf
 }
 
 static void fill_extra_operations(struct fuse_lowlevel_ops *table);
+static void fill_plain_readdir(struct fuse_lowlevel_ops *table);
 
 /* The table libfuse will use: pyfuse3's, with init and opendir wrapped. A table of another
  * size (pyfuse3 built against other headers) or a second session is passed on unchanged. */
@@ -142,6 +147,7 @@ static const struct fuse_lowlevel_ops *wrap_operations(const struct fuse_lowleve
     wrapped_operations.init = wrapped_init;
     wrapped_operations.opendir = wrapped_opendir;
     fill_extra_operations(&wrapped_operations);
+    fill_plain_readdir(&wrapped_operations);
     return &wrapped_operations;
 }
 
@@ -185,6 +191,7 @@ VERSIONED_SESSION_NEW(cowfs_session_new_underscore, "_fuse_session_new")
 typedef int (*reply_open_t)(fuse_req_t, const struct fuse_file_info *);
 static const struct fuse_file_info *without_flush(const struct fuse_file_info *fi);
 typedef int (*reply_err_t)(fuse_req_t, int);
+static void forget_plain_listing(fuse_req_t req);
 
 EXPORTED int cowfs_reply_open(fuse_req_t req, const struct fuse_file_info *fi)
     __asm__("fuse_reply_open");
@@ -211,6 +218,7 @@ int cowfs_reply_err(fuse_req_t req, int err)
     if (!real)
         real = (reply_err_t)next_symbol("fuse_reply_err");
     forget_opendir(req);
+    forget_plain_listing(req);
     return real(req, err);
 }
 
@@ -433,4 +441,122 @@ EXPORTED void cowfs_extensions_set_handler(extra_handler_t handler, const unsign
         served_ioctls[i] = ioctls[i];
     no_flush = noflush;
     pthread_mutex_unlock(&lock);
+}
+
+/* -- plain listings: READDIR through pyfuse3's readdirplus ---------------------------------
+ *
+ * pyfuse3 registers readdirplus only, so the kernel asks for every entry's attributes, and
+ * the daemon resolves every name of a listing (`ls -f` of 10k names: 10k lookups, 10k nodes
+ * the kernel must forget again). With READDIRPLUS_AUTO the kernel sends plain READDIR unless
+ * it has seen a lookup in the directory (an `ls -l`). Here such a request goes to pyfuse3's
+ * readdirplus handler; while it is outstanding, the entries pyfuse3 adds for it are written
+ * with fuse_add_direntry (name, inode number, type: the rest of the attributes is ignored),
+ * and the Python side asks `cowfs_extensions_plain_listing(fh)` to skip resolving the names
+ * and counting lookups (the kernel counts none for plain entries). */
+
+#define PENDING_PLAIN 64
+
+struct plain_listing {
+    fuse_req_t req;
+    uint64_t fh;
+};
+
+static void (*pyfuse3_readdirplus)(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset,
+                                   struct fuse_file_info *fi);
+static struct plain_listing plain_listings[PENDING_PLAIN];
+static unsigned int next_plain;
+/* Outstanding plain requests: read without the lock, so read replies skip the search. */
+static volatile int plain_outstanding;
+
+static void plain_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset,
+                          struct fuse_file_info *fi)
+{
+    pthread_mutex_lock(&lock);
+    struct plain_listing *slot = &plain_listings[next_plain];
+    if (!slot->req)
+        plain_outstanding++;
+    slot->req = req;
+    slot->fh = fi->fh;
+    next_plain = (next_plain + 1) % PENDING_PLAIN;
+    counters[PLAIN_READDIRS]++;
+    pthread_mutex_unlock(&lock);
+    pyfuse3_readdirplus(req, ino, size, offset, fi);
+}
+
+static void fill_plain_readdir(struct fuse_lowlevel_ops *table)
+{
+    if (table->readdir || !table->readdirplus || !(wanted_capabilities & FUSE_CAP_READDIRPLUS_AUTO))
+        return;
+    pyfuse3_readdirplus = table->readdirplus;
+    table->readdir = plain_readdir;
+}
+
+static int is_plain_listing(fuse_req_t req)
+{
+    if (!plain_outstanding)
+        return 0;
+    int found = 0;
+    pthread_mutex_lock(&lock);
+    for (unsigned int i = 0; i < PENDING_PLAIN && !found; i++)
+        found = plain_listings[i].req == req;
+    pthread_mutex_unlock(&lock);
+    return found;
+}
+
+static void forget_plain_listing(fuse_req_t req)
+{
+    if (!plain_outstanding)
+        return;
+    pthread_mutex_lock(&lock);
+    for (unsigned int i = 0; i < PENDING_PLAIN; i++) {
+        if (plain_listings[i].req == req) {
+            plain_listings[i].req = NULL;
+            plain_outstanding--;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+}
+
+typedef size_t (*add_direntry_plus_t)(fuse_req_t, char *, size_t, const char *,
+                                      const struct fuse_entry_param *, off_t);
+
+EXPORTED size_t cowfs_add_direntry_plus(fuse_req_t req, char *buffer, size_t size,
+                                        const char *name, const struct fuse_entry_param *entry,
+                                        off_t offset) __asm__("fuse_add_direntry_plus");
+size_t cowfs_add_direntry_plus(fuse_req_t req, char *buffer, size_t size, const char *name,
+                               const struct fuse_entry_param *entry, off_t offset)
+{
+    static add_direntry_plus_t real;
+    if (is_plain_listing(req))
+        return fuse_add_direntry(req, buffer, size, name, &entry->attr, offset);
+    if (!real)
+        real = (add_direntry_plus_t)next_symbol("fuse_add_direntry_plus");
+    return real(req, buffer, size, name, entry, offset);
+}
+
+typedef int (*reply_buf_t)(fuse_req_t, const char *, size_t);
+
+EXPORTED int cowfs_reply_buf(fuse_req_t req, const char *buffer, size_t size)
+    __asm__("fuse_reply_buf");
+int cowfs_reply_buf(fuse_req_t req, const char *buffer, size_t size)
+{
+    static reply_buf_t real;
+    if (!real)
+        real = (reply_buf_t)next_symbol("fuse_reply_buf");
+    forget_plain_listing(req);
+    return real(req, buffer, size);
+}
+
+/* Whether a plain READDIR is being answered for directory handle *fh*: its entries need a
+ * name, an inode number and a type only, and count no lookup. */
+EXPORTED int cowfs_extensions_plain_listing(uint64_t fh)
+{
+    if (!plain_outstanding)
+        return 0;
+    int found = 0;
+    pthread_mutex_lock(&lock);
+    for (unsigned int i = 0; i < PENDING_PLAIN && !found; i++)
+        found = plain_listings[i].req && plain_listings[i].fh == fh;
+    pthread_mutex_unlock(&lock);
+    return found;
 }

@@ -23,15 +23,17 @@ log = logging.getLogger(__name__)
 # opendir and fail a request. Another version runs without the extensions.
 KNOWN_PYFUSE3 = "3.5.0"
 # The control functions' version in _fuse_extensions.c (EXTENSIONS_ABI).
-EXTENSIONS_ABI = 2
+EXTENSIONS_ABI = 3
 # libfuse's FUSE_CAP_CACHE_SYMLINKS: the kernel keeps symlink targets in the page cache.
 CAP_CACHE_SYMLINKS = 1 << 23
+# libfuse's FUSE_CAP_READDIRPLUS_AUTO: plain READDIR where no entry's attributes are wanted.
+CAP_READDIRPLUS_AUTO = 1 << 14
 # FOPEN_CACHE_DIR came with FUSE protocol 7.28 (Linux 4.20); older kernels ignore the flag.
 CACHE_DIR_PROTOCOL_MINOR = 28
 
 # Counter indices in _fuse_extensions.c (enum counter).
 SESSIONS_WRAPPED, INIT_CALLS, PROTOCOL_MINOR, CAPABLE, GRANTED, OPENDIRS_SEEN, \
-    CACHED_LISTING_REPLIES, NOFLUSH_REPLIES, EXTRA_REQUESTS = range(9)
+    CACHED_LISTING_REPLIES, NOFLUSH_REPLIES, EXTRA_REQUESTS, PLAIN_READDIRS = range(10)
 
 # The extra operations' codes in _fuse_extensions.c (enum extra_operation).
 EXTRA_FALLOCATE, EXTRA_LSEEK, EXTRA_COPY_FILE_RANGE, EXTRA_IOCTL = 1, 2, 3, 4
@@ -51,6 +53,8 @@ class KernelFeatures:
     copy_file_range: bool = False
     fileattr_ioctls: bool = False
     noflush: bool = False           # no FLUSH request at close (FOPEN_NOFLUSH)
+    # Listings without every entry's attributes where none are wanted (READDIRPLUS_AUTO).
+    plain_listings: bool = False
 
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -69,6 +73,8 @@ class _Library:
         library.cowfs_extensions_counter.restype = ctypes.c_ulonglong
         library.cowfs_extensions_counter.argtypes = [ctypes.c_int]
         library.cowfs_extensions_configure.argtypes = [ctypes.c_int, ctypes.c_uint]
+        library.cowfs_extensions_plain_listing.argtypes = [ctypes.c_uint64]
+        self.plain_listing = library.cowfs_extensions_plain_listing
         library.cowfs_extensions_set_handler.argtypes = [
             ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint), ctypes.c_uint, ctypes.c_int]
         # The C function pointer must live as long as the library may call it.
@@ -187,7 +193,7 @@ def load(*, enabled: bool = True) -> None:
             _reason = f"cannot load them: {exc}"
         else:
             _library = _Library(library)
-            library.cowfs_extensions_configure(1, CAP_CACHE_SYMLINKS)
+            library.cowfs_extensions_configure(1, CAP_CACHE_SYMLINKS | CAP_READDIRPLUS_AUTO)
     if _reason is None:
         log.debug("kernel-cache extensions loaded")
     elif enabled:
@@ -212,14 +218,17 @@ def features() -> KernelFeatures:
         return KernelFeatures(reason="the kernel has not started the session yet")
     listings = _library.counter(PROTOCOL_MINOR) >= CACHE_DIR_PROTOCOL_MINOR
     symlinks = bool(_library.counter(GRANTED) & CAP_CACHE_SYMLINKS)
+    plain = bool(_library.counter(GRANTED) & CAP_READDIRPLUS_AUTO)
     missing = [name for name, active in (("cached listings", listings),
-                                         ("cached symlinks", symlinks)) if not active]
+                                         ("cached symlinks", symlinks),
+                                         ("plain listings", plain)) if not active]
     routed = _library.handler is not None
     return KernelFeatures(listings, symlinks,
                           f"the kernel does not offer {' and '.join(missing)}" if missing
                           else None,
                           fallocate=routed, lseek=routed, copy_file_range=routed,
-                          fileattr_ioctls=routed, noflush=_library.noflush)
+                          fileattr_ioctls=routed, noflush=_library.noflush,
+                          plain_listings=plain)
 
 
 def counters() -> dict[str, int]:
@@ -229,7 +238,14 @@ def counters() -> dict[str, int]:
     return {"opendirs_seen": _library.counter(OPENDIRS_SEEN),
             "cached_listing_replies": _library.counter(CACHED_LISTING_REPLIES),
             "noflush_replies": _library.counter(NOFLUSH_REPLIES),
-            "extra_requests": _library.counter(EXTRA_REQUESTS)}
+            "extra_requests": _library.counter(EXTRA_REQUESTS),
+            "plain_readdirs": _library.counter(PLAIN_READDIRS)}
+
+
+def is_plain_listing(fh: int) -> bool:
+    """Whether the readdir now served for directory handle *fh* is a plain READDIR: its
+    entries need a name, an inode number and a type, and the kernel counts no lookup."""
+    return _library is not None and bool(_library.plain_listing(fh))
 
 
 # -- the operations pyfuse3 does not route ------------------------------------------------

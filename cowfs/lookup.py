@@ -272,6 +272,9 @@ class Listing:
 
     names: list[str]
     lower_names: dict[int, frozenset[str]]   # layer -> its names and `.wh.` marker targets
+    # name -> the topmost layer holding an entry of that name, and that layer's entry
+    top: dict[str, tuple[int, os.DirEntry[str]]] = dataclasses.field(default_factory=dict)
+    marked: frozenset[str] = frozenset()     # names a lower layer's `.wh.` marker names
 
     def may_hold(self, layer: int, name: str) -> bool:
         """False only for a lower layer scanned without *name* (the upper is never skipped)."""
@@ -610,25 +613,62 @@ def read_listing(fds: DirectoryFds, directory: Directory, *, upper: int | None) 
     are not, since `lookup` decides visibility. Callers resolve each name before showing it, so
     listing and lookup cannot disagree.
     """
-    names: dict[str, None] = {}
+    names: dict[str, tuple[int, os.DirEntry[str]]] = {}
     lower_names: dict[int, frozenset[str]] = {}
+    marked: set[str] = set()
+    prefix = whiteout.OCI_WHITEOUT_PREFIX
     for layer in directory.layers:
         listing_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
                              dir_fd=fds.fd(directory, layer))
-        here: set[str] = set()
         try:
-            with os.scandir(listing_fd) as entries:
-                for entry in entries:
-                    if layer != upper and whiteout.is_oci_name(entry.name):
-                        here.add(entry.name[len(whiteout.OCI_WHITEOUT_PREFIX):])
-                    else:
-                        names[entry.name] = None
-                        here.add(entry.name)
+            with os.scandir(listing_fd) as scanned:
+                entries = list(scanned)
         finally:
             os.close(listing_fd)
-        if layer != upper:
-            lower_names[layer] = frozenset(here)
-    return Listing(list(names), lower_names)
+        if layer == upper:
+            for entry in entries:
+                names.setdefault(entry.name, (layer, entry))
+            continue
+        here: set[str] = set()
+        for entry in entries:
+            name = entry.name
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                marked.add(name)
+            else:
+                names.setdefault(name, (layer, entry))
+            here.add(name)
+        lower_names[layer] = frozenset(here)
+    return Listing(list(names), lower_names, names, frozenset(marked))
+
+
+def listed_file(listing: Listing, directory: Directory, name: str,
+                upper: int | None) -> tuple[int, int, int] | None:
+    """(layer, inode number, file type bits) of *name*'s topmost copy, where the layers'
+    directory entries alone tell it, as they do for a lower layer's directory, regular file or
+    symlink that no layer above hides; None where only `lookup` can tell (an upper copy, with
+    its recorded origin; a device node, perhaps a whiteout; a regular file in a layer that may
+    hold xwhiteouts; a name a `.wh.` marker names).
+
+    A plain listing (no attributes) names each entry this way, with no stat: `ls -f` of a
+    large lower directory costs a dictionary lookup per name instead of a probe per layer."""
+    top = listing.top.get(name)
+    if top is None or name in listing.marked:
+        return None            # a `.wh.` marker: hidden, perhaps, or shown from its layer
+    layer, found = top
+    if layer == upper:
+        return None
+    if found.is_file(follow_symlinks=False):
+        if layer in directory.xwhiteout_layers:
+            return None
+        kind = stat.S_IFREG
+    elif found.is_dir(follow_symlinks=False):
+        kind = stat.S_IFDIR
+    elif found.is_symlink():
+        kind = stat.S_IFLNK
+    else:
+        return None
+    return layer, found.inode(), kind
 
 
 def read_merged_names(fds: DirectoryFds, directory: Directory, *,

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import stat
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
@@ -316,6 +317,9 @@ class Operations(pyfuse3.Operations):
         directory = handle.node.entry
         if start_id == 0 or handle.listing is None:
             handle.use(self.union.read_listing(directory))
+        if fuse_extensions.is_plain_listing(fh):
+            self._reply_plain_entries(handle, start_id, token)
+            return
         for position in range(start_id, len(handle.names)):
             name = handle.names[position]
             if position < 2:
@@ -338,6 +342,27 @@ class Operations(pyfuse3.Operations):
                 return
             if entry is not None:
                 self.nodes.remember(entry, node_id)
+
+    def _reply_plain_entries(self, handle: DirectoryHandle, start_id: int,
+                             token: pyfuse3.ReaddirToken) -> None:
+        """A plain READDIR: names, inode numbers and types only, and no lookups to count."""
+        assert handle.listing is not None
+        directory = handle.node.entry
+        attributes = pyfuse3.EntryAttributes()    # only st_ino and the type are sent
+        for position in range(start_id, len(handle.names)):
+            name = handle.names[position]
+            if position < 2:
+                node = handle.node if position == 0 else self._parent_node(handle.node)
+                number, kind = node.id, stat.S_IFDIR
+            else:
+                shown = self.union.listed_file(directory, name, handle.listing)
+                if shown is None:
+                    continue
+                number, kind = shown
+            attributes.st_ino = number
+            attributes.st_mode = kind
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attributes, position + 1):
+                return
 
     def _parent_node(self, node: Node) -> Node:
         directory = node.entry

@@ -73,23 +73,26 @@ class InodeNumbers:
         self._remapped: dict[tuple[int, int], int] = {}
 
     def number(self, st: os.stat_result) -> int:
-        index = self._index.get(st.st_dev)
+        return self.number_of(st.st_dev, st.st_ino)
+
+    def number_of(self, device: int, ino: int) -> int:
+        index = self._index.get(device)
         if index is None and len(self._index) < self._spare_index:
             # A filesystem mounted inside a layer: numbered from now on, not across remounts.
-            index = self._index[st.st_dev] = len(self._index)
-        if index is not None and st.st_ino >> self._shift == 0:
-            number = (index << self._shift) | st.st_ino
+            index = self._index[device] = len(self._index)
+        if index is not None and ino >> self._shift == 0:
+            number = (index << self._shift) | ino
             if number > ROOT_INO:
                 return number
-        return self._remap(st)
+        return self._remap(device, ino)
 
-    def _remap(self, st: os.stat_result) -> int:
-        key = (st.st_dev, st.st_ino)
+    def _remap(self, device: int, ino: int) -> int:
+        key = (device, ino)
         number = self._remapped.get(key)
         if number is None:
             if not self._remapped:
                 log.warning("inode numbers of device %d do not fit; those may change at remount",
-                            st.st_dev)
+                            device)
             number = (self._spare_index << self._shift) | (len(self._remapped) + 2)
             self._remapped[key] = number
         return number
@@ -336,6 +339,31 @@ class Union:
         if directory.removed:
             return Listing([], {})
         return lookup.read_listing(self.fds, directory, upper=self.upper)
+
+    def listed_file(self, directory: Entry, name: str,
+                    listing: Listing) -> tuple[int, int] | None:
+        """(st_ino, file type bits) of *name* as a plain listing shows it, None for a name
+        the merged view does not show. Where the layers' directory entries tell (a lower file
+        no layer above hides: `lookup.listed_file`), nothing is probed and nothing is looked
+        up, so nothing is remembered either; else the name is looked up.
+
+        The number is the one stat shows, read from the directory entry (d_ino); for a
+        directory that a filesystem is mounted on inside a layer, the two differ, as they do
+        on the host."""
+        directory = self._directory(directory)
+        found = lookup.listed_file(listing, directory, name, self.upper)
+        if found is not None:
+            # A copy-up since the listing was read keeps the number, and a rename or an
+            # unlink since then is what a listing read at opendir may show.
+            layer, ino, kind = found
+            return self.numbers.number_of(self.stack.layers[layer].st_dev, ino), kind
+        try:
+            entry = self.lookup(directory, name, listing)
+        except lookup.BrokenEntry:
+            return None          # as in a listing with attributes (mount.Operations.readdir)
+        if entry is None:
+            return None
+        return self.inode_number(entry), stat.S_IFMT(entry.stat.st_mode)
 
     def read_merged_names(self, directory: Entry) -> list[str]:
         return self.read_listing(directory).names

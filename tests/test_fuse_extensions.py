@@ -17,10 +17,10 @@ pytestmark = pytest.mark.mounts
 # The VM may drop page cache (a cached listing with it) behind our backs: a warm listing gets
 # this many tries to show it was served by the kernel, and fails only if every one was not.
 WARM_ATTEMPTS = 5
-# The requests pyfuse3 does not route, and no FLUSH, through the same library
-# (tests/test_extra_operations.py tests each).
-ROUTED = dict.fromkeys(("fallocate", "lseek", "copy_file_range", "fileattr_ioctls", "noflush"),
-                       True)
+# The requests pyfuse3 does not route (plain READDIR among them), and no FLUSH, through the
+# same library (tests/test_extra_operations.py and test_plain_listings.py test each).
+ROUTED = dict.fromkeys(("fallocate", "lseek", "copy_file_range", "fileattr_ioctls", "noflush",
+                        "plain_listings"), True)
 
 
 def statistics(merged: Path) -> dict:
