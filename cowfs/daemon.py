@@ -38,6 +38,9 @@ class MountOptions:
     kernel_flags: frozenset[str] = frozenset()
     # The kernel caches pyfuse3 cannot ask for, through `cowfs.fuse_extensions`.
     kernel_caches: bool = True
+    # Plain READDIR where the kernel wants no attributes (`-o readdirplus=auto`): faster
+    # `ls -f`, slower `du` of a large directory (docs/ARCHITECTURE.md).
+    plain_listings: bool = False
 
 
 def serve(stack: LayerStack, mountpoint: str, options: MountOptions,
@@ -45,7 +48,8 @@ def serve(stack: LayerStack, mountpoint: str, options: MountOptions,
     """Mount and answer requests in this process until unmounted or signalled; the unmount
     makes the changes durable."""
     from cowfs import fuse_extensions
-    fuse_extensions.load(enabled=options.kernel_caches)    # before pyfuse3 is imported
+    # before pyfuse3 is imported
+    fuse_extensions.load(enabled=options.kernel_caches, plain_listings=options.plain_listings)
     from cowfs import mount, union
     _raise_fd_limit()
     os.umask(0)   # the kernel applies the caller's umask before asking us

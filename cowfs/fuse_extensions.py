@@ -173,8 +173,9 @@ def _why_not_loadable() -> str | None:
     return None
 
 
-def load(*, enabled: bool = True) -> None:
+def load(*, enabled: bool = True, plain_listings: bool = False) -> None:
     """Load the library into the process so pyfuse3 binds to it; call before importing pyfuse3.
+    *plain_listings* asks for READDIRPLUS_AUTO.
 
     Says once why the mount runs without the extensions, if it does."""
     global _library, _reason
@@ -193,7 +194,8 @@ def load(*, enabled: bool = True) -> None:
             _reason = f"cannot load them: {exc}"
         else:
             _library = _Library(library)
-            library.cowfs_extensions_configure(1, CAP_CACHE_SYMLINKS | CAP_READDIRPLUS_AUTO)
+            library.cowfs_extensions_configure(
+                1, CAP_CACHE_SYMLINKS | (CAP_READDIRPLUS_AUTO if plain_listings else 0))
     if _reason is None:
         log.debug("kernel-cache extensions loaded")
     elif enabled:
@@ -220,8 +222,7 @@ def features() -> KernelFeatures:
     symlinks = bool(_library.counter(GRANTED) & CAP_CACHE_SYMLINKS)
     plain = bool(_library.counter(GRANTED) & CAP_READDIRPLUS_AUTO)
     missing = [name for name, active in (("cached listings", listings),
-                                         ("cached symlinks", symlinks),
-                                         ("plain listings", plain)) if not active]
+                                         ("cached symlinks", symlinks)) if not active]
     routed = _library.handler is not None
     return KernelFeatures(listings, symlinks,
                           f"the kernel does not offer {' and '.join(missing)}" if missing

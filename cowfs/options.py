@@ -18,7 +18,7 @@ VALUED = {"lowerdir": "DIRS", "upperdir": "DIR", "workdir": "DIR", "fsname": "NA
           "fsync": "strict|batch|volatile", "uidmapping": "A:B:N[:A:B:N...]",
           "gidmapping": "A:B:N[:A:B:N...]", "squash_to_uid": "UID", "squash_to_gid": "GID",
           "metacopy": "on|off", "redirect_dir": "on|follow|off|nofollow", "index": "on|off",
-          "kernel_caches": "on|off"}
+          "kernel_caches": "on|off", "readdirplus": "yes|auto"}
 # Honoured flags.
 FLAGS = {"nonempty", "ro", "userxattr", "volatile", "debug", "squash_to_root"}
 # Passed on to the kernel as mount flags.
@@ -92,8 +92,20 @@ def parse(values: Sequence[str], *, is_root: bool = True) -> ParsedOptions:
         uids=_id_map(settings, "uid", squash_to_root="squash_to_root" in flags),
         gids=_id_map(settings, "gid", squash_to_root="squash_to_root" in flags),
         kernel_flags=frozenset(_kernel_flags(flags, is_root=is_root)),
-        kernel_caches=_on_off(settings, "kernel_caches", default=True))
+        kernel_caches=_on_off(settings, "kernel_caches", default=True),
+        plain_listings=_readdirplus(settings.get("readdirplus")))
     return parsed
+
+
+def _readdirplus(value: str | None) -> bool:
+    """`readdirplus=auto` (libfuse's name): plain listings where the kernel wants no
+    attributes; `yes`, the default: every listing with them (docs/ARCHITECTURE.md says why)."""
+    if value is None or value == "yes":
+        return False
+    if value != "auto":
+        raise OptionError(f"malformed mount option 'readdirplus={value}': expected "
+                          "readdirplus=yes|auto")
+    return True
 
 
 def _on_off(settings: dict[str, str], key: str, *, default: bool) -> bool:

@@ -17,10 +17,11 @@ pytestmark = pytest.mark.mounts
 # The VM may drop page cache (a cached listing with it) behind our backs: a warm listing gets
 # this many tries to show it was served by the kernel, and fails only if every one was not.
 WARM_ATTEMPTS = 5
-# The requests pyfuse3 does not route (plain READDIR among them), and no FLUSH, through the
-# same library (tests/test_extra_operations.py and test_plain_listings.py test each).
-ROUTED = dict.fromkeys(("fallocate", "lseek", "copy_file_range", "fileattr_ioctls", "noflush",
-                        "plain_listings"), True)
+# The requests pyfuse3 does not route, and no FLUSH, through the same library
+# (tests/test_extra_operations.py tests each); plain listings are asked for with
+# -o readdirplus=auto (tests/test_plain_listings.py).
+ROUTED = {**dict.fromkeys(("fallocate", "lseek", "copy_file_range", "fileattr_ioctls",
+                           "noflush"), True), "plain_listings": False}
 
 
 def statistics(merged: Path) -> dict:
@@ -129,3 +130,7 @@ def test_the_switch_is_a_mount_option() -> None:
     assert not options.parse(["lowerdir=/l,kernel_caches=off"]).mount.kernel_caches
     with pytest.raises(options.OptionError, match=r"expected kernel_caches=on\|off"):
         options.parse(["kernel_caches=no"])
+    assert not options.parse(["lowerdir=/l"]).mount.plain_listings
+    assert options.parse(["lowerdir=/l,readdirplus=auto"]).mount.plain_listings
+    with pytest.raises(options.OptionError, match=r"expected readdirplus=yes\|auto"):
+        options.parse(["readdirplus=no"])

@@ -1,7 +1,8 @@
-"""Plain listings: where no entry's attributes are wanted (`ls -f`, scandir without stat), the
-kernel sends plain READDIR and cowfs names each entry from its layers' directory entries, with
-no lookup. Such a listing must show what the kernel's overlayfs shows (names and types), with
-the inode number stat shows, in directories too large for the first (readdirplus) batch."""
+"""Plain listings (`-o readdirplus=auto`): where no entry's attributes are wanted (`ls -f`,
+scandir without stat), the kernel sends plain READDIR and cowfs names each entry from its
+layers' directory entries, with no lookup. Such a listing must show what the kernel's
+overlayfs shows (names and types), with the inode number stat shows, in directories too large
+for the first (readdirplus) batch. Without the option every batch is readdirplus."""
 
 import contextlib
 import json
@@ -27,6 +28,8 @@ from layer_model import (
 )
 
 pytestmark = pytest.mark.mounts
+
+PLAIN = ("-o", "readdirplus=auto")
 
 # Names per layer in the big directory: the first readdirplus batch of a 32 KiB buffer holds
 # about 200 entries, a plain batch about 1,000, so the listing takes several plain batches.
@@ -131,7 +134,7 @@ def test_a_plain_listing_shows_what_the_kernel_shows(layer_dirs, seed: int) -> N
     with contextlib.ExitStack() as stack:
         stack.enter_context(kernel_overlay(lowers, kernel_merged, kernel_upper,
                                            "redirect_dir=on,metacopy=on"))
-        stack.enter_context(mounted_cowfs(lowers, cowfs_merged, cowfs_upper))
+        stack.enter_context(mounted_cowfs(lowers, cowfs_merged, cowfs_upper, PLAIN))
         shown = check_plain(cowfs_merged)
         assert shown == {name: kind for name, (kind, _) in
                          plain_listing(kernel_merged / "big").items()}
@@ -150,5 +153,23 @@ def test_a_plain_listing_of_oci_layers_shows_what_the_model_shows(layer_dirs) ->
     for path, visible in flatten(layer_stack).items():
         if path.startswith("big/"):
             expected[path[len("big/"):]] = KIND_OF_TYPE.get(stat.S_IFMT(visible.mode), "other")
-    with mounted_cowfs(lowers, merged):
+    with mounted_cowfs(lowers, merged, extra=PLAIN):
         assert check_plain(merged) == expected
+
+
+def test_without_the_option_every_batch_carries_attributes(layer_dirs) -> None:
+    """The default: a tool that reads a whole directory and then stats it (du, tar, rsync)
+    finds every entry's attributes in the kernel, with no LOOKUP per entry."""
+    base, merged = layer_dirs("base", "merged")
+    lowers = write_stack(big_stack("kernel", 4), base)
+    with mounted_cowfs(lowers, merged):
+        before = statistics(merged)
+        listed = plain_listing(merged / "big")
+        for name in listed:
+            os.lstat(merged / "big" / name)
+        after = statistics(merged)
+        assert after["plain_readdirs"] == before["plain_readdirs"] == 0
+        assert after["requests"]["readdir"] > before["requests"].get("readdir", 0) + 1
+        lookups = after["requests"].get("lookup", 0) - before["requests"].get("lookup", 0)
+        assert lookups <= 1, lookups
+        assert not after["kernel_features"]["plain_listings"]
