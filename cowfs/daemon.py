@@ -41,6 +41,9 @@ class MountOptions:
     # Plain READDIR where the kernel wants no attributes (`-o readdirplus=auto`): faster
     # `ls -f`, slower `du` of a large directory (docs/ARCHITECTURE.md).
     plain_listings: bool = False
+    # The kernel's writeback cache (`-o writeback=1`): writes gather in the page cache and
+    # reach the daemon as page runs at writeback, fsync or close (docs/ARCHITECTURE.md).
+    writeback_cache: bool = False
 
 
 def serve(stack: LayerStack, mountpoint: str, options: MountOptions,
@@ -55,7 +58,8 @@ def serve(stack: LayerStack, mountpoint: str, options: MountOptions,
     os.umask(0)   # the kernel applies the caller's umask before asking us
     merged = union.Union(stack, fsync=options.fsync)
     try:
-        operations = mount.Operations(merged, options.uids, options.gids)
+        operations = mount.Operations(merged, options.uids, options.gids,
+                                      writeback_cache=options.writeback_cache)
         fuse_options = mount.fuse_options(readonly=options.readonly, fsname=options.fsname)
         mount.run(operations, mountpoint, fuse_options | options.kernel_flags,
                   on_mounted or (lambda: None))

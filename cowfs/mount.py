@@ -140,9 +140,12 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, union: Union, uids: IdMap = IDENTITY, gids: IdMap = IDENTITY) -> None:
-        """*uids* and *gids* map owners between the layers and the view (`cowfs.idmap`)."""
+    def __init__(self, union: Union, uids: IdMap = IDENTITY, gids: IdMap = IDENTITY, *,
+                 writeback_cache: bool = False) -> None:
+        """*uids* and *gids* map owners between the layers and the view (`cowfs.idmap`);
+        *writeback_cache* asks the kernel for it (pyfuse3 reads the attribute at INIT)."""
         super().__init__()
+        self.enable_writeback_cache = writeback_cache
         self.union = union
         self.uids = uids
         self.gids = gids
@@ -279,11 +282,29 @@ class Operations(pyfuse3.Operations):
             await self._copy_up(entry, data=not flags & os.O_TRUNC)
             if stamps:
                 self._invalidate_attributes(inode)
-        fd = self.union.open(entry, flags)
+        direct = False
+        try:
+            fd = self.union.open(entry, self._backing_flags(flags))
+        except PermissionError:
+            if not flags & os.O_APPEND or not self.enable_writeback_cache:
+                raise
+            # Append-only (chattr +a): its fd must append, where the writeback cache would
+            # rewrite the last page in place, so this handle writes through, at the end.
+            fd, direct = self.union.open(entry, flags), True
         handle_id = self._new_handle()
         self._file_handles[handle_id] = FileHandle(entry, fd, flags)
         # Only cowfs changes the file, through this same kernel inode: its cache stays right.
-        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle_id), keep_cache=True)
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle_id), keep_cache=not direct,
+                                direct_io=direct)
+
+    def _backing_flags(self, flags: int) -> int:
+        """The open flags of a handle's fd. With the writeback cache the kernel writes dirty
+        pages back at their offsets through any writable handle, and reads a page in before
+        it writes part of it: a writable handle's fd opens read-write and without O_APPEND
+        (the kernel appends itself, at the size it keeps)."""
+        if not self.enable_writeback_cache or not flags & (os.O_WRONLY | os.O_RDWR):
+            return flags
+        return (flags & ~(os.O_ACCMODE | os.O_APPEND)) | os.O_RDWR
 
     def _readable_fd(self, handle: FileHandle) -> int:
         if handle.source != FileHandle.copy_of(handle.entry):
@@ -423,8 +444,8 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._directory_node(parent_inode)
-        entry, fd = self.union.create(parent.entry, os.fsdecode(name), mode, flags,
-                                      self._caller(ctx))
+        entry, fd = self.union.create(parent.entry, os.fsdecode(name), mode,
+                                      self._backing_flags(flags), self._caller(ctx))
         handle_id = self._new_handle()
         self._file_handles[handle_id] = FileHandle(entry, fd, flags)
         return (pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle_id), keep_cache=True),
@@ -478,6 +499,8 @@ class Operations(pyfuse3.Operations):
                       fields: pyfuse3.SetattrFields, fh: pyfuse3.FileHandleT | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.nodes.get(inode)
+        if self._keeps_times(node, attr, fields):
+            return self.attributes(node.id, node.entry, self._node_stat(node))
         await self._copy_up(node.entry, data=fields.update_size and attr.st_size > 0)
         handle = self._file_handles.get(fh) if fh is not None else None
         st = self.union.setattr(
@@ -491,6 +514,18 @@ class Operations(pyfuse3.Operations):
             fd=handle.fd if handle is not None
             and handle.source == FileHandle.copy_of(node.entry) else None)
         return self.attributes(node.id, node.entry, st)
+
+    def _keeps_times(self, node: Node, attr: pyfuse3.EntryAttributes,
+                     fields: pyfuse3.SetattrFields) -> bool:
+        """Whether a setattr is the writeback cache handing back times the kernel kept: the
+        file's own mtime (and a ctime, which no one can set). It changes nothing, so it copies
+        nothing up; a file renamed over or linked gets one though its data never changed."""
+        if not self.enable_writeback_cache or not fields.update_mtime:
+            return False
+        if (fields.update_mode or fields.update_uid or fields.update_gid or fields.update_size
+                or fields.update_atime):
+            return False
+        return attr.st_mtime_ns == self._node_stat(node).st_mtime_ns
 
     @replies_errno
     async def mknod(self, parent_inode: pyfuse3.InodeT, name: bytes, mode: int, rdev: int,
@@ -584,7 +619,8 @@ class Operations(pyfuse3.Operations):
     @staticmethod
     def _invalidate_node(node_id: NodeId) -> None:
         """Drop what the kernel caches of a node: attributes, data, a directory's listing.
-        Safe inside a handler: without the writeback cache nothing waits on a request."""
+        Safe inside a handler, also with the writeback cache: only directories' nodes are
+        invalidated so, and a directory has no dirty pages to write back through us."""
         try:
             pyfuse3.invalidate_inode(pyfuse3.InodeT(node_id), attr_only=False)
         except OSError as exc:   # ENOENT: the kernel has forgotten it, and its listing too

@@ -18,7 +18,7 @@ VALUED = {"lowerdir": "DIRS", "upperdir": "DIR", "workdir": "DIR", "fsname": "NA
           "fsync": "strict|batch|volatile", "uidmapping": "A:B:N[:A:B:N...]",
           "gidmapping": "A:B:N[:A:B:N...]", "squash_to_uid": "UID", "squash_to_gid": "GID",
           "metacopy": "on|off", "redirect_dir": "on|follow|off|nofollow", "index": "on|off",
-          "kernel_caches": "on|off", "readdirplus": "yes|auto"}
+          "kernel_caches": "on|off", "readdirplus": "yes|auto", "writeback": "0|1"}
 # Honoured flags.
 FLAGS = {"nonempty", "ro", "userxattr", "volatile", "debug", "squash_to_root"}
 # Passed on to the kernel as mount flags.
@@ -31,7 +31,7 @@ IGNORED_FLAGS = {
     "owner", "group", "nofail", "_netdev", "static_nlink", "noacl", "auto_unmount"}
 IGNORED_VALUED = {
     # fuse-overlayfs: its caches, threads, plugins and xattr handling
-    "timeout", "threaded", "fast_ino", "writeback", "noxattrs", "plugins", "xattr_permissions",
+    "timeout", "threaded", "fast_ino", "noxattrs", "plugins", "xattr_permissions",
     # SELinux labels (cowfs passes xattrs through)
     "context", "fscontext", "defcontext", "rootcontext",
     # the kernel overlay's inode-number and export schemes (cowfs numbers inodes its own way)
@@ -93,8 +93,18 @@ def parse(values: Sequence[str], *, is_root: bool = True) -> ParsedOptions:
         gids=_id_map(settings, "gid", squash_to_root="squash_to_root" in flags),
         kernel_flags=frozenset(_kernel_flags(flags, is_root=is_root)),
         kernel_caches=_on_off(settings, "kernel_caches", default=True),
-        plain_listings=_readdirplus(settings.get("readdirplus")))
+        plain_listings=_readdirplus(settings.get("readdirplus")),
+        writeback_cache=_zero_one(settings, "writeback", default=False))
     return parsed
+
+
+def _zero_one(settings: dict[str, str], key: str, *, default: bool) -> bool:
+    """fuse-overlayfs's spelling of a switch: `writeback=1`."""
+    if key not in settings:
+        return default
+    if settings[key] not in ("0", "1"):
+        raise OptionError(f"malformed mount option '{key}={settings[key]}': expected {key}=0|1")
+    return settings[key] == "1"
 
 
 def _readdirplus(value: str | None) -> bool:

@@ -134,3 +134,7 @@ def test_the_switch_is_a_mount_option() -> None:
     assert options.parse(["lowerdir=/l,readdirplus=auto"]).mount.plain_listings
     with pytest.raises(options.OptionError, match=r"expected readdirplus=yes\|auto"):
         options.parse(["readdirplus=no"])
+    assert not options.parse(["lowerdir=/l"]).mount.writeback_cache
+    assert options.parse(["lowerdir=/l,writeback=1"]).mount.writeback_cache
+    with pytest.raises(options.OptionError, match=r"expected writeback=0\|1"):
+        options.parse(["writeback=yes"])

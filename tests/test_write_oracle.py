@@ -108,9 +108,10 @@ ALL_ON = Combination("metacopy=on,redirect_dir=on,index=on", (),
 # What a default kernel mount reads (it is read back with no options at all). No lower hard
 # links: with index=off the kernel copies up the name written through and leaves the other on
 # the lower inode, two files with one inode number, which a FUSE filesystem cannot show (its
-# node id is the inode number); cowfs keeps them one file (ARCHITECTURE.md).
+# node id is the inode number); cowfs keeps them one file (ARCHITECTURE.md). cowfs also runs
+# with the kernel's writeback cache here, so both write paths meet the oracle.
 ALL_OFF = Combination("metacopy=off,redirect_dir=off,index=off",
-                      ("-o", "metacopy=off,redirect_dir=off,index=off"), "",
+                      ("-o", "metacopy=off,redirect_dir=off,index=off,writeback=1"), "",
                       lower_hard_links=False, share=1)
 COMBINATIONS = (ALL_ON, ALL_OFF)
 
