@@ -350,9 +350,10 @@ def method_notes(sizes: Sizes, mode: str) -> list[str]:
         "cache (mincore) before and after the timed pass, /proc/vmstat's drop_pagecache, "
         "drop_slab, slabs_scanned, pgsteal and inodesteal counters must not move during it, "
         f"and on cowfs the daemon's request counters (trusted.cowfs.stats) must show no "
-        f"readdir during a warm ls -f and at most {WARM_STAT_ALLOWED} lookup + getattr during "
-        f"a warm stat walk; a pass found cold is timed again, up to {WARM_ATTEMPTS} times in "
-        "all, and if still cold its cell is marked 'not warm' (warm_checked in results.json)",
+        f"readdir during a warm ls -f and at most one lookup + getattr per directory "
+        f"plus {WARM_STAT_ALLOWED} during a warm stat walk; a pass found cold is timed again, "
+        f"up to {WARM_ATTEMPTS} times in all, and if still cold its cell is marked 'not warm' "
+        "(warm_checked in results.json)",
         "sequential write includes the fsync; fio: psync, one job, page cache on, cold start "
         "(caches dropped before, not between passes: --invalidate=0), mean latency per read",
         "untar: tar -xf into a directory of the lowers (natively: a new directory); "
