@@ -42,6 +42,9 @@ class Sizes:
     fio_seconds: float
     untar_files: int | None          # None: the whole standard library
     rm_files: int
+    rootfs_files: int                # the rootfs packages are installed into
+    packages: int                    # packages installed, dpkg-like
+    package_files: int               # files each package unpacks
 
     def lower_files(self) -> set[int]:
         return {*self.copyup, self.meta_file, self.concurrent_file, self.seq_file}
@@ -228,6 +231,120 @@ def stat_stack(depth: int, files: int) -> Stack:
     for index in range(files):
         add_file(stack, f"tree/d{index % directories:03d}/f{index:05d}", index % depth,
                  index % 65)
+    return stack
+
+
+# ---- the rootfs a package manager installs into
+
+ROOTFS_LOWERS = 2
+ROOTFS_DIRS = ("usr/bin", "usr/lib/x86_64-linux-gnu", "usr/share/doc", "etc")
+# Small files as in a distribution's packages: many tiny ones, some of a few pages, few at 64 KiB.
+PACKAGE_FILE_SIZES = (0, 37, 190, 512, 1300, 2900, 4096, 7000, 12000, 24000, 40000, 65536)
+DPKG = "var/lib/dpkg"
+BASE_STATUS_STANZAS = 150
+
+
+def _pick(text: str, choices: tuple[int, ...]) -> int:
+    """A deterministic choice by *text*'s hash (no random state shared between modes)."""
+    return choices[hashlib.sha256(text.encode()).digest()[0] % len(choices)]
+
+
+def rootfs_files(count: int) -> list[tuple[str, int]]:
+    """The rootfs's files (path, size), spread over a few system directories."""
+    files = []
+    for index in range(count):
+        directory = ROOTFS_DIRS[index % len(ROOTFS_DIRS)]
+        if directory == "usr/share/doc":
+            directory = f"usr/share/doc/base{index // 40:03d}"
+        rel = f"{directory}/base{index:05d}"
+        files.append((rel, _pick(rel, PACKAGE_FILE_SIZES)))
+    return files
+
+
+def status_stanza(name: str, files: int) -> bytes:
+    """One package's entry in dpkg's status database."""
+    return (f"Package: {name}\nStatus: install ok installed\nPriority: optional\n"
+            f"Section: misc\nInstalled-Size: {files * 4}\nMaintainer: Bench <bench@example.org>\n"
+            f"Architecture: amd64\nVersion: 1.0-{files}\n"
+            f"Description: synthetic package {name}\n\n").encode()
+
+
+def base_status(rootfs_file_count: int) -> bytes:
+    """The status database the rootfs ships (kept under HASHED_MAX_BYTES: its content is
+    compared by the tree check)."""
+    stanzas = min(BASE_STATUS_STANZAS, max(1, rootfs_file_count // 20))
+    return b"".join(status_stanza(f"base{index:03d}", 20) for index in range(stanzas))
+
+
+@dataclass(frozen=True)
+class Package:
+    """What installing one package does to the rootfs."""
+
+    name: str
+    files: tuple[tuple[str, int], ...]     # (path, size) unpacked, each as path.dpkg-new
+    replaced: frozenset[str]               # of those, the ones over rootfs files
+    new_dirs: tuple[str, ...]              # directories it creates (parents first)
+    hard_links: tuple[tuple[str, str], ...]   # (existing path, new link)
+    symlinks: tuple[tuple[str, str], ...]     # (link path, target)
+    removed: tuple[str, ...]               # rootfs files it deletes (whiteouts in a union)
+
+    def content(self, rel: str, size: int) -> bytes:
+        """The package's version of *rel*: never the rootfs's, so a missed rename shows."""
+        return small_content(f"{self.name}/{rel}", size)
+
+    @property
+    def list_rel(self) -> str:
+        return f"{DPKG}/info/{self.name}.list"
+
+
+def package_plan(sizes: Sizes) -> list[Package]:
+    """The packages to install, deterministic: every fourth file replaces a rootfs file,
+    half the rest go to existing directories and half to the package's own new ones."""
+    rootfs = rootfs_files(sizes.rootfs_files)
+    # Rootfs files, each used once: replaced ones from the front, removed ones from the back.
+    replaceable = iter(rootfs[::3])
+    removable = iter(reversed(rootfs[1::3]))
+    linkable = iter(rootfs[2::3])
+    packages = []
+    for number in range(sizes.packages):
+        name = f"pkg{number:03d}"
+        own = f"usr/share/{name}"
+        files: list[tuple[str, int]] = []
+        replaced = set()
+        for index in range(sizes.package_files):
+            if index % 4 == 0 and (spare := next(replaceable, None)):
+                rel, size = spare[0], _pick(f"{name}/{index}", PACKAGE_FILE_SIZES)
+                replaced.add(rel)
+            elif index % 2:
+                directory = ROOTFS_DIRS[index % len(ROOTFS_DIRS)]
+                rel = f"{directory}/{name}-{index:03d}"
+                size = _pick(rel, PACKAGE_FILE_SIZES)
+            else:
+                rel = f"{own}/{'data/' if index % 3 else ''}{name}-{index:03d}"
+                size = _pick(rel, PACKAGE_FILE_SIZES)
+            files.append((rel, size))
+        new_files = [rel for rel, _ in files if rel not in replaced]
+        links = [(new_files[0], f"usr/bin/{name}-hardlink")]
+        if lower := next(linkable, None):
+            links.append((lower[0], f"usr/bin/{name}-alias"))
+        symlinks = ((f"usr/lib/x86_64-linux-gnu/lib{name}.so", f"/{new_files[-1]}"),
+                    (f"etc/{name}.conf", f"/{new_files[0]}"))
+        removed = tuple(spare[0] for spare in (next(removable, None), next(removable, None))
+                        if spare)
+        packages.append(Package(name, tuple(files), frozenset(replaced),
+                                (own, f"{own}/data"), tuple(links), symlinks, removed))
+    return packages
+
+
+def rootfs_stack(sizes: Sizes) -> Stack:
+    """A rootfs-like tree over two lowers (a base and one more layer), with dpkg's database."""
+    stack = Stack("rootfs", ROOTFS_LOWERS)
+    for index, (rel, size) in enumerate(rootfs_files(sizes.rootfs_files)):
+        add_file(stack, rel, index % ROOTFS_LOWERS, size)
+    status = base_status(sizes.rootfs_files)
+    stack.add(FileSpec(f"{DPKG}/status", 0, "file", len(status), status))
+    stack.add(FileSpec(f"{DPKG}/status-old", 1, "file", len(status), status))
+    stack.add(FileSpec(f"{DPKG}/info", 1, "dir"))
     return stack
 
 

@@ -26,6 +26,12 @@ class Row:
     unit: str
     plot: tuple[str, float] | None = None
     values: dict[str, list[float | None]] = field(default_factory=dict)
+    # Warm rows: per target and round, the workload's Warmth (None: no value, nothing checked).
+    warmth: dict[str, list[Any]] = field(default_factory=dict)
+
+    def not_warm(self, target: str) -> int:
+        """Rounds whose timed pass was still found cold after its retries."""
+        return sum(1 for warmth in self.warmth.get(target, []) if warmth and not warmth.warm)
 
     def summary(self, target: str) -> dict[str, Any] | None:
         values = [value for value in self.values.get(target, []) if value is not None]
@@ -67,7 +73,36 @@ def format_cell(row: Row, target: str) -> str:
         text += f" ({format_range(summary['min'], summary['max'], row.unit)})"
     if target != NATIVE and summary["ratio"] is not None:
         text += f" x{summary['ratio']:.3g}"
+    if cold := row.not_warm(target):
+        text += f" **not warm** ({cold}/{summary['n']} rounds)"
     return text
+
+
+def warm_check_lines(rows: list[Row], targets: list[str]) -> list[str]:
+    """The warm checks: how many passed, and every retry or failure with its reason."""
+    checked = retried = 0
+    lines = []
+    for row in rows:
+        if not row.warmth:
+            continue
+        for target in targets:
+            for round_index, warmth in enumerate(row.warmth.get(target, [])):
+                if warmth is None:
+                    continue
+                checked += 1
+                if warmth.problems:
+                    retried += 1
+                    verdict = (f"warm at attempt {warmth.attempts}" if warmth.warm
+                               else "NOT warm, marked")
+                    lines.append(f"- {row.key} on {target}, round {round_index + 1}: {verdict}"
+                                 f" ({' | '.join(warmth.problems)})")
+    if not checked:
+        return []
+    failed = sum(row.not_warm(target) for row in rows if row.warmth
+                 for target in targets)
+    summary = (f"{checked} warm measurements checked: {checked - failed} warm "
+               f"({retried} needed a retry), {failed} not warm.")
+    return [summary, "", *lines] if lines else [summary]
 
 
 def markdown(results: dict[str, Any], rows: list[Row]) -> str:
@@ -96,6 +131,8 @@ def markdown(results: dict[str, Any], rows: list[Row]) -> str:
             lines.append(f"| **{group}** |" + " |" * len(targets))
         cells = [format_cell(row, target) for target in targets]
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    if warm_lines := warm_check_lines(rows, targets):
+        lines += ["", "## Warm checks", "", *warm_lines]
     if results.get("cowfs_stats"):
         lines += ["", "## cowfs copy-up statistics (trusted.cowfs.stats, last round)", ""]
         for key, stats in results["cowfs_stats"].items():
@@ -114,9 +151,19 @@ def markdown(results: dict[str, Any], rows: list[Row]) -> str:
 def rows_json(rows: list[Row], targets: list[str]) -> list[dict[str, Any]]:
     return [{"key": row.key, "label": row.label, "group": row.group, "unit": row.unit,
              "targets": {target: {"values": row.values.get(target, []),
-                                  **(row.summary(target) or {})}
+                                  **(row.summary(target) or {}),
+                                  **({"warm_checked": [_warmth_json(warmth) for warmth
+                                                       in row.warmth.get(target, [])],
+                                      "not_warm_rounds": row.not_warm(target)}
+                                     if row.warmth else {})}
                          for target in targets}}
             for row in rows]
+
+
+def _warmth_json(warmth: Any) -> dict[str, Any] | None:
+    if warmth is None:
+        return None
+    return {"warm": warmth.warm, "attempts": warmth.attempts, "problems": list(warmth.problems)}
 
 
 def plot(rows: list[Row], targets: list[str], out: Path) -> tuple[list[str], str | None]:

@@ -29,7 +29,13 @@ from typing import Any
 from benchmarks import layers, report, targets
 from benchmarks.layers import Sizes, Stack
 from benchmarks.targets import Target, Tools
-from benchmarks.workloads import Env, Workload, all_workloads
+from benchmarks.workloads import (
+    WARM_ATTEMPTS,
+    WARM_STAT_ALLOWED,
+    Env,
+    Workload,
+    all_workloads,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -41,17 +47,18 @@ MODES: dict[str, Sizes] = {
     "smoke": Sizes(rounds=1, copyup=(4 * KIB, 64 * KIB, MIB), sparse_size=16 * MIB,
                    sparse_data=MIB, meta_file=MIB, many_files=20, concurrent_file=MIB,
                    stat_files=100, stat_depths=(1, 2, 5, 10), big_dir_entries=200,
-                   seq_file=4 * MIB, fio_seconds=0.5, untar_files=100, rm_files=50),
+                   seq_file=4 * MIB, fio_seconds=0.5, untar_files=100, rm_files=50,
+                   rootfs_files=400, packages=5, package_files=12),
     "quick": Sizes(rounds=1, copyup=(4 * KIB, 64 * KIB, MIB, 16 * MIB), sparse_size=64 * MIB,
                    sparse_data=MIB, meta_file=16 * MIB, many_files=100,
                    concurrent_file=16 * MIB, stat_files=1000, stat_depths=(1, 2, 5, 10),
                    big_dir_entries=2000, seq_file=64 * MIB, fio_seconds=2, untar_files=1500,
-                   rm_files=500),
+                   rm_files=500, rootfs_files=3000, packages=20, package_files=30),
     "full": Sizes(rounds=5, copyup=(4 * KIB, 64 * KIB, MIB, 16 * MIB, 64 * MIB, 512 * MIB),
                   sparse_size=GIB, sparse_data=MIB, meta_file=512 * MIB, many_files=1000,
                   concurrent_file=64 * MIB, stat_files=10000, stat_depths=(1, 2, 5, 10),
                   big_dir_entries=10000, seq_file=512 * MIB, fio_seconds=5, untar_files=None,
-                  rm_files=2000),
+                  rm_files=2000, rootfs_files=5000, packages=40, package_files=50),
 }
 
 
@@ -260,6 +267,7 @@ class Run:
         stacks = [layers.main_stack(self.sizes)]
         stacks += [layers.stat_stack(depth, self.sizes.stat_files)
                    for depth in self.sizes.stat_depths]
+        stacks.append(layers.rootfs_stack(self.sizes))
         for stack in stacks:
             layers.build_stack(stack, layer_root)
             self.stacks[stack.name] = stack
@@ -285,6 +293,7 @@ class Run:
                 round_index: int) -> dict[str, float] | None:
         stack = self.stacks[workload.stack]
         assert stack.native
+        env.last_warmth = None
         try:
             with targets.mounted(target, self.tools, stack.lowers, stack.native,
                                  self.work) as mount:
@@ -336,6 +345,15 @@ def method_notes(sizes: Sizes, mode: str) -> list[str]:
         "changes the file in place (no copy) and is put back untimed",
         "stat = scandir + lstat of every entry of a tree whose every directory is in every "
         "layer; ls -f runs the ls command",
+        "warm rows are checked warm (caches here are sometimes dropped from outside): a "
+        "256 KiB canary file read after the untimed pass must still be wholly in the page "
+        "cache (mincore) before and after the timed pass, /proc/vmstat's drop_pagecache, "
+        "drop_slab, slabs_scanned, pgsteal and inodesteal counters must not move during it, "
+        f"and on cowfs the daemon's request counters (trusted.cowfs.stats) must show no "
+        f"readdir during a warm ls -f and at most one lookup + getattr per directory "
+        f"plus {WARM_STAT_ALLOWED} during a warm stat walk; a pass found cold is timed again, "
+        f"up to {WARM_ATTEMPTS} times in all, and if still cold its cell is marked 'not warm' "
+        "(warm_checked in results.json)",
         "sequential write includes the fsync; fio: psync, one job, page cache on, cold start "
         "(caches dropped before, not between passes: --invalidate=0), mean latency per read",
         "untar: tar -xf into a directory of the lowers (natively: a new directory); "
@@ -391,10 +409,18 @@ def run(args: argparse.Namespace, work: Path, out: Path, progress: Progress) -> 
         for workload in workloads:
             for target in order:
                 metrics = state.measure(workload, target, env, round_index)
+                warmth = env.last_warmth if metrics and workload.warm else None
                 for metric in workload.metrics:
                     value = metrics.get(metric.name) if metrics else None
-                    rows[workload.key, metric.name].values.setdefault(target.name,
-                                                                      []).append(value)
+                    row = rows[workload.key, metric.name]
+                    row.values.setdefault(target.name, []).append(value)
+                    if workload.warm:
+                        row.warmth.setdefault(target.name, []).append(warmth)
+                if warmth and warmth.problems:
+                    verdict = "warm" if warmth.warm else "NOT warm"
+                    progress.note(f"{workload.key} on {target.name}, round {round_index + 1}: "
+                                  f"{verdict} after {warmth.attempts} attempt(s): "
+                                  + " | ".join(warmth.problems))
                 shown = (report.format_value(metrics[workload.metrics[0].name],
                                              workload.metrics[0].unit)
                          if metrics else "error")

@@ -6,12 +6,17 @@ exist, and no mount survives the run, even when it fails.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from benchmarks import layers, workloads
+from benchmarks.residency import Canary, drop_file_cache, is_resident, resident_pages
+from benchmarks.run import MODES
+from benchmarks.targets import Mounted, Target, Tools
 from cowfs.layers import read_mountinfo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,3 +100,80 @@ def test_missing_peer_is_reported_and_skipped(tmp_path: Path) -> None:
     assert "skipping fuse-overlayfs" in result.stderr
     assert results["targets"] == ["native"]
     assert [row["key"] for row in results["rows"]] == ["first_write.4K"]
+
+
+def test_smoke_run_has_the_package_install_and_checks_warm_rows(tmp_path: Path) -> None:
+    """The dpkg-like install runs on every target and verifies; warm rows say they were
+    checked warm."""
+    out = tmp_path / "out"
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "benchmarks", "--smoke", "--targets", "native,overlay,cowfs",
+             "--only", "pkg_install,ls,stat.1", "--out", str(out),
+             "--work", str(tmp_path / "work")],
+            cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        unmount_below(tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["errors"] == [] and results["lowers_unchanged"] is True
+    rows = {row["key"]: row for row in results["rows"]}
+    install = rows["pkg_install"]
+    assert install["label"].startswith("package install (dpkg-like): 5 packages, 65 files")
+    for target in ("native", "overlay", "cowfs"):
+        assert install["targets"][target]["values"][0] > 0
+        checked = rows["ls.warm"]["targets"][target]["warm_checked"]
+        assert len(checked) == 1 and checked[0]["attempts"] >= 1, checked
+        assert "warm_checked" not in rows["ls.cold"]["targets"][target]
+    markdown = (out / "results.md").read_text()
+    assert "| package install (dpkg-like): 5 packages, 65 files |" in markdown
+    assert "## Warm checks" in markdown and "warm rows are checked warm" in markdown
+
+
+def test_residency_sees_a_dropped_file(tmp_path: Path) -> None:
+    """The warm check is only as good as mincore: a just-dropped file must not look resident."""
+    canary = Canary(tmp_path / "canary")
+    canary.warm()
+    assert is_resident(canary.path)
+    drop_file_cache(canary.path)
+    assert resident_pages(canary.path)[0] == 0
+    canary.warm()
+    assert canary.still_warm()
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    assert not canary.still_warm()
+
+
+def test_a_pass_across_a_cache_drop_is_not_reported_warm(tmp_path: Path) -> None:
+    env = workloads.Env(MODES["smoke"], None, None, {})
+    mount = Mounted(Target("native", "native"), tmp_path, None, tmp_path, Tools(None, None))
+
+    def dropping_pass() -> int:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return 0
+
+    workloads.time_warm(mount, env, dropping_pass, (), 0)
+    assert env.last_warmth is not None and not env.last_warmth.warm
+    assert env.last_warmth.attempts == workloads.WARM_ATTEMPTS
+    assert "canary evicted" in env.last_warmth.problems[0]
+    assert "drop_pagecache" in env.last_warmth.problems[0]
+
+
+def test_package_install_verifies_and_native_is_put_back(tmp_path: Path) -> None:
+    """Natively: install, verify, put back (checked against the tree); a lost file is caught."""
+    sizes = MODES["smoke"]
+    stack = layers.rootfs_stack(sizes)
+    layers.build_stack(stack, tmp_path)
+    assert stack.native
+    plan = layers.package_plan(sizes)
+    assert all(package.replaced and package.removed for package in plan)
+    for package in plan:
+        workloads.install_package(stack.native, package)
+    workloads.verify_install(stack.native, plan, sizes.rootfs_files)
+    workloads.uninstall_natively(stack.native, plan, sizes)
+    for package in plan:
+        workloads.install_package(stack.native, package)
+    replaced = sorted(plan[-1].replaced)[0]
+    (stack.native / replaced).unlink()
+    with pytest.raises(workloads.WorkloadError, match=replaced):
+        workloads.verify_install(stack.native, plan, sizes.rootfs_files)
