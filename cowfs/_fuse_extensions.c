@@ -77,6 +77,25 @@ static void *next_symbol(const char *name)
     return dlsym(RTLD_NEXT, name);
 }
 
+/* The leading part of the operations table every libfuse 3 header has (up to lseek, 3.8), and
+ * of struct fuse_file_info before 3.17 grew it (backing_id and padding). A caller built
+ * against older headers than this library (pyfuse3 against 3.14, this against 3.17: the
+ * opt-in test of scripts/libfuse-3.17.sh) passes the shorter ones. */
+#define OPERATIONS_SIZE_MIN (offsetof(struct fuse_lowlevel_ops, lseek) + sizeof(void *))
+#define FILE_INFO_SIZE_BEFORE_3_17 40
+
+/* The size of the fuse_file_info structs the caller passes: copied so much and no more, so
+ * the tail of a shorter struct never reads as flags of a newer one (3.17's backing_id would
+ * turn on passthrough). */
+static size_t caller_file_info_size = sizeof(struct fuse_file_info);
+
+/* *from* as the caller built it, in a struct of this library's headers. */
+static void copy_file_info(struct fuse_file_info *to, const struct fuse_file_info *from)
+{
+    memset(to, 0, sizeof(*to));
+    memcpy(to, from, caller_file_info_size);
+}
+
 static void remember_opendir(fuse_req_t req)
 {
     pthread_mutex_lock(&lock);
@@ -127,12 +146,14 @@ static void wrapped_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_inf
 static void fill_extra_operations(struct fuse_lowlevel_ops *table);
 static void fill_plain_readdir(struct fuse_lowlevel_ops *table);
 
-/* The table libfuse will use: pyfuse3's, with init and opendir wrapped. A table of another
- * size (pyfuse3 built against other headers) or a second session is passed on unchanged. */
+/* The table libfuse will use: pyfuse3's, with init and opendir wrapped. A table too short
+ * for the entries wrapped here, longer than this library knows, or a second session is
+ * passed on unchanged. */
 static const struct fuse_lowlevel_ops *wrap_operations(const struct fuse_lowlevel_ops *op,
                                                        size_t op_size)
 {
-    if (op == &wrapped_operations || op_size != sizeof(wrapped_operations) || !op->opendir)
+    if (op == &wrapped_operations || op_size < OPERATIONS_SIZE_MIN
+        || op_size > sizeof(wrapped_operations) || !op->opendir)
         return op;
     pthread_mutex_lock(&lock);
     int first = counters[SESSIONS_WRAPPED] == 0;
@@ -141,7 +162,11 @@ static const struct fuse_lowlevel_ops *wrap_operations(const struct fuse_lowleve
     pthread_mutex_unlock(&lock);
     if (!first)
         return op;
-    memcpy(&wrapped_operations, op, sizeof(wrapped_operations));
+    memset(&wrapped_operations, 0, sizeof(wrapped_operations));
+    memcpy(&wrapped_operations, op, op_size);
+    if (op_size < sizeof(wrapped_operations)
+        && sizeof(struct fuse_file_info) > FILE_INFO_SIZE_BEFORE_3_17)
+        caller_file_info_size = FILE_INFO_SIZE_BEFORE_3_17;
     pyfuse3_init = op->init;
     pyfuse3_opendir = op->opendir;
     wrapped_operations.init = wrapped_init;
@@ -202,7 +227,8 @@ int cowfs_reply_open(fuse_req_t req, const struct fuse_file_info *fi)
         real = (reply_open_t)next_symbol("fuse_reply_open");
     if (!forget_opendir(req))
         return real(req, without_flush(fi));
-    struct fuse_file_info cached = *fi;
+    struct fuse_file_info cached;
+    copy_file_info(&cached, fi);
     cached.cache_readdir = 1;
     cached.keep_cache = 1;
     pthread_mutex_lock(&lock);
@@ -314,7 +340,7 @@ static const struct fuse_file_info *without_flush(const struct fuse_file_info *f
     static __thread struct fuse_file_info marked;
     if (!no_flush || !fi)
         return fi;
-    marked = *fi;
+    copy_file_info(&marked, fi);
     marked.noflush = 1;
     pthread_mutex_lock(&lock);
     counters[NOFLUSH_REPLIES]++;
