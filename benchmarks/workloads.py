@@ -341,6 +341,17 @@ def cold_signs(before: CacheState, after: CacheState, cold_requests: tuple[str, 
     return signs
 
 
+def time_pass(mount: Mounted, env: Env, pass_once: Callable[[], int], *, cold: bool,
+              cold_requests: tuple[str, ...], allowed_requests: int) -> tuple[float, int]:
+    """Time *pass_once* with every cache dropped, or warm (`time_warm`)."""
+    if not cold:
+        return time_warm(mount, env, pass_once, cold_requests, allowed_requests)
+    env.settle(cold=True)
+    start = now_ns()
+    result = pass_once()
+    return seconds_since(start), result
+
+
 def time_warm(mount: Mounted, env: Env, pass_once: Callable[[], int],
               cold_requests: tuple[str, ...], allowed_requests: int) -> tuple[float, int]:
     """Time *pass_once* after an untimed pass, checked warm; retried if found cold.
@@ -389,15 +400,10 @@ def stat_tree(*, cold: bool, expected: int) -> Run:
 
     def run(mount: Mounted, env: Env) -> dict[str, float]:
         root = mount.merged / "tree"
-        if cold:
-            env.settle(cold=True)
-            start = now_ns()
-            count = walk_and_stat(root)
-            elapsed = seconds_since(start)
-        else:
-            directories = max(1, env.sizes.stat_files // 100) + 1
-            elapsed, count = time_warm(mount, env, lambda: walk_and_stat(root),
-                                       WARM_STAT_REQUESTS, directories + WARM_STAT_ALLOWED)
+        directories = max(1, env.sizes.stat_files // 100) + 1
+        elapsed, count = time_pass(mount, env, lambda: walk_and_stat(root), cold=cold,
+                                   cold_requests=WARM_STAT_REQUESTS,
+                                   allowed_requests=directories + WARM_STAT_ALLOWED)
         if count != expected:
             raise WorkloadError(f"the walk saw {count} entries, not {expected}")
         return {"time": elapsed}
@@ -412,14 +418,8 @@ def list_big_dir(*, cold: bool) -> Run:
 
     def run(mount: Mounted, env: Env) -> dict[str, float]:
         directory = mount.merged / "big"
-        if cold:
-            env.settle(cold=True)
-            start = now_ns()
-            lines = list_once(directory)
-            elapsed = seconds_since(start)
-        else:
-            elapsed, lines = time_warm(mount, env, lambda: list_once(directory),
-                                       WARM_LS_REQUESTS, 0)
+        elapsed, lines = time_pass(mount, env, lambda: list_once(directory), cold=cold,
+                                   cold_requests=WARM_LS_REQUESTS, allowed_requests=0)
         if lines != env.sizes.big_dir_entries + 2:
             raise WorkloadError(f"ls -f listed {lines} names, not {env.sizes.big_dir_entries + 2}")
         return {"time": elapsed}

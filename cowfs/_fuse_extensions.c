@@ -517,14 +517,17 @@ static void fill_plain_readdir(struct fuse_lowlevel_ops *table)
     table->readdir = plain_readdir;
 }
 
-static int is_plain_listing(fuse_req_t req)
+/* Whether an outstanding plain READDIR is *req* (or, with req NULL, one for handle *fh*). */
+static int find_plain_listing(fuse_req_t req, uint64_t fh)
 {
     if (!plain_outstanding)
         return 0;
     int found = 0;
     pthread_mutex_lock(&lock);
-    for (unsigned int i = 0; i < PENDING_PLAIN && !found; i++)
-        found = plain_listings[i].req == req;
+    for (unsigned int i = 0; i < PENDING_PLAIN && !found; i++) {
+        const struct plain_listing *slot = &plain_listings[i];
+        found = slot->req && (req ? slot->req == req : slot->fh == fh);
+    }
     pthread_mutex_unlock(&lock);
     return found;
 }
@@ -553,7 +556,7 @@ size_t cowfs_add_direntry_plus(fuse_req_t req, char *buffer, size_t size, const 
                                const struct fuse_entry_param *entry, off_t offset)
 {
     static add_direntry_plus_t real;
-    if (is_plain_listing(req))
+    if (find_plain_listing(req, 0))
         return fuse_add_direntry(req, buffer, size, name, &entry->attr, offset);
     if (!real)
         real = (add_direntry_plus_t)next_symbol("fuse_add_direntry_plus");
@@ -577,12 +580,5 @@ int cowfs_reply_buf(fuse_req_t req, const char *buffer, size_t size)
  * name, an inode number and a type only, and count no lookup. */
 EXPORTED int cowfs_extensions_plain_listing(uint64_t fh)
 {
-    if (!plain_outstanding)
-        return 0;
-    int found = 0;
-    pthread_mutex_lock(&lock);
-    for (unsigned int i = 0; i < PENDING_PLAIN && !found; i++)
-        found = plain_listings[i].req && plain_listings[i].fh == fh;
-    pthread_mutex_unlock(&lock);
-    return found;
+    return find_plain_listing(NULL, fh);
 }

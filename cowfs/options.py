@@ -92,38 +92,25 @@ def parse(values: Sequence[str], *, is_root: bool = True) -> ParsedOptions:
         uids=_id_map(settings, "uid", squash_to_root="squash_to_root" in flags),
         gids=_id_map(settings, "gid", squash_to_root="squash_to_root" in flags),
         kernel_flags=frozenset(_kernel_flags(flags, is_root=is_root)),
-        kernel_caches=_on_off(settings, "kernel_caches", default=True),
-        plain_listings=_readdirplus(settings.get("readdirplus")),
-        writeback_cache=_zero_one(settings, "writeback", default=False))
+        kernel_caches=_switch(settings, "kernel_caches", ("on", "off"), "on", default=True),
+        plain_listings=_switch(settings, "readdirplus", ("yes", "auto"), "auto",
+                               default=False),
+        writeback_cache=_switch(settings, "writeback", ("0", "1"), "1", default=False))
     return parsed
 
 
-def _zero_one(settings: dict[str, str], key: str, *, default: bool) -> bool:
-    """fuse-overlayfs's spelling of a switch: `writeback=1`."""
+def _switch(settings: dict[str, str], key: str, spelled: tuple[str, str], on: str, *,
+            default: bool) -> bool:
+    """A two-valued option, spelled as where it comes from spells it: cowfs's
+    `kernel_caches=on|off`, libfuse's `readdirplus=yes|auto` (auto: plain listings where the
+    kernel wants no attributes; docs/ARCHITECTURE.md says why yes is the default),
+    fuse-overlayfs's `writeback=0|1`."""
     if key not in settings:
         return default
-    if settings[key] not in ("0", "1"):
-        raise OptionError(f"malformed mount option '{key}={settings[key]}': expected {key}=0|1")
-    return settings[key] == "1"
-
-
-def _readdirplus(value: str | None) -> bool:
-    """`readdirplus=auto` (libfuse's name): plain listings where the kernel wants no
-    attributes; `yes`, the default: every listing with them (docs/ARCHITECTURE.md says why)."""
-    if value is None or value == "yes":
-        return False
-    if value != "auto":
-        raise OptionError(f"malformed mount option 'readdirplus={value}': expected "
-                          "readdirplus=yes|auto")
-    return True
-
-
-def _on_off(settings: dict[str, str], key: str, *, default: bool) -> bool:
-    if key not in settings:
-        return default
-    if settings[key] not in ("on", "off"):
-        raise OptionError(f"malformed mount option '{key}={settings[key]}': expected {key}=on|off")
-    return settings[key] == "on"
+    if settings[key] not in spelled:
+        raise OptionError(f"malformed mount option '{key}={settings[key]}': expected "
+                          f"{key}={spelled[0]}|{spelled[1]}")
+    return settings[key] == on
 
 
 def _fsync_mode(value: str | None, *, volatile: bool) -> str:
