@@ -511,7 +511,8 @@ static void plain_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off
 
 static void fill_plain_readdir(struct fuse_lowlevel_ops *table)
 {
-    if (table->readdir || !table->readdirplus || !(wanted_capabilities & FUSE_CAP_READDIRPLUS_AUTO))
+    if (table->readdir || !table->readdirplus
+        || !(wanted_capabilities & FUSE_CAP_READDIRPLUS_AUTO))
         return;
     pyfuse3_readdirplus = table->readdirplus;
     table->readdir = plain_readdir;

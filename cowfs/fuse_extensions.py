@@ -80,6 +80,7 @@ class _Library:
         # The C function pointer must live as long as the library may call it.
         self.handler: Any = None
         self.noflush = False
+        self.plain_listings = False     # READDIRPLUS_AUTO asked for
 
     def counter(self, which: int) -> int:
         return int(self.library.cowfs_extensions_counter(which))
@@ -194,6 +195,7 @@ def load(*, enabled: bool = True, plain_listings: bool = False) -> None:
             _reason = f"cannot load them: {exc}"
         else:
             _library = _Library(library)
+            _library.plain_listings = plain_listings
             library.cowfs_extensions_configure(
                 1, CAP_CACHE_SYMLINKS | (CAP_READDIRPLUS_AUTO if plain_listings else 0))
     if _reason is None:
@@ -246,7 +248,8 @@ def counters() -> dict[str, int]:
 def is_plain_listing(fh: int) -> bool:
     """Whether the readdir now served for directory handle *fh* is a plain READDIR: its
     entries need a name, an inode number and a type, and the kernel counts no lookup."""
-    return _library is not None and bool(_library.plain_listing(fh))
+    # Asked only where plain listings were asked for: a readdir costs no call into C else.
+    return _library is not None and _library.plain_listings and bool(_library.plain_listing(fh))
 
 
 # -- the operations pyfuse3 does not route ------------------------------------------------

@@ -499,8 +499,11 @@ class Operations(pyfuse3.Operations):
                       fields: pyfuse3.SetattrFields, fh: pyfuse3.FileHandleT | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.nodes.get(inode)
-        if self._keeps_times(node, attr, fields):
-            return self.attributes(node.id, node.entry, self._node_stat(node))
+        if self._hands_back_times(fields):
+            current = self._node_stat(node)
+            if attr.st_mtime_ns == current.st_mtime_ns:
+                # The times the kernel kept: nothing changes, so nothing is copied up.
+                return self.attributes(node.id, node.entry, current)
         await self._copy_up(node.entry, data=fields.update_size and attr.st_size > 0)
         handle = self._file_handles.get(fh) if fh is not None else None
         st = self.union.setattr(
@@ -515,17 +518,14 @@ class Operations(pyfuse3.Operations):
             and handle.source == FileHandle.copy_of(node.entry) else None)
         return self.attributes(node.id, node.entry, st)
 
-    def _keeps_times(self, node: Node, attr: pyfuse3.EntryAttributes,
-                     fields: pyfuse3.SetattrFields) -> bool:
-        """Whether a setattr is the writeback cache handing back times the kernel kept: the
-        file's own mtime (and a ctime, which no one can set). It changes nothing, so it copies
-        nothing up; a file renamed over or linked gets one though its data never changed."""
-        if not self.enable_writeback_cache or not fields.update_mtime:
-            return False
-        if (fields.update_mode or fields.update_uid or fields.update_gid or fields.update_size
-                or fields.update_atime):
-            return False
-        return attr.st_mtime_ns == self._node_stat(node).st_mtime_ns
+    def _hands_back_times(self, fields: pyfuse3.SetattrFields) -> bool:
+        """Whether a setattr may be the writeback cache handing back the times it kept: an
+        mtime (and a ctime, which no one can set) and nothing else. One that brings the
+        file's own mtime changes nothing; a file renamed over or linked gets one though its
+        data never changed."""
+        return (self.enable_writeback_cache and fields.update_mtime
+                and not (fields.update_mode or fields.update_uid or fields.update_gid
+                         or fields.update_size or fields.update_atime))
 
     @replies_errno
     async def mknod(self, parent_inode: pyfuse3.InodeT, name: bytes, mode: int, rdev: int,
