@@ -44,17 +44,10 @@
 #    attr`) shows "kernel_features" with cache_listings true, and
 #    grep libfuse3 /proc/$(pgrep -f 'cowfs daemon MERGED')/maps lists
 #    $libdir/libfuse3.so.4 (and the 3.14 libfuse3.so.3 pyfuse3 pulled in).
-# Known break (cowfs/_fuse_extensions.c as of this script): the session is not wrapped, and
-# the mount says "running without the kernel-cache extensions: pyfuse3 made its session past
-# them". pyfuse3's fuse_session_new@FUSE_3.0 does bind to the extension, and 3.17's
-# fuse_session_new -> fuse_session_new_versioned@FUSE_3.17 (through the PLT) to its interposer
-# too, but wrap_operations requires op_size == sizeof(struct fuse_lowlevel_ops): pyfuse3 was
-# built with 3.14's headers (352 bytes), the extension with 3.17's (360: `tmpfile` added at
-# the end). The fix: accept op_size <= sizeof(wrapped_operations) (and at least up to lseek),
-# zero the table and copy op_size bytes; libfuse itself takes a shorter table. Likewise
-# fuse_file_info grew from 40 to 64 bytes (backing_id at 36, in 3.14's tail padding): the
-# reply_open/without_flush copies of pyfuse3's struct should copy only 3.14's 40 bytes into a
-# zeroed struct, so no stray backing_id asks for FOPEN_PASSTHROUGH.
+# Two things 3.17 differs in, both handled by cowfs/_fuse_extensions.c: pyfuse3 passes a
+# shorter operations table (3.14's headers: 352 bytes; 3.17's: 360, `tmpfile` added) and a
+# shorter fuse_file_info (40 bytes; 3.17's is 64, backing_id at 36), so the library copies
+# only as much of each as the caller passed.
 set -euo pipefail
 
 version=3.17.2

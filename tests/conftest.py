@@ -214,3 +214,10 @@ def no_leftover_mounts(tmp_path: Path) -> Iterator[None]:
     for path in leftovers:
         unmount_quietly(path)
     assert not leftovers, f"test left mounts behind: {leftovers}"
+
+
+@pytest.fixture(scope="session")
+def package_317(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """cowfs with its extensions built against libfuse 3.17 (tests/libfuse317.py)."""
+    import libfuse317
+    return libfuse317.build_package(tmp_path_factory.mktemp("cowfs317"))
