@@ -37,7 +37,12 @@ NAMED_TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "cowfs-strict": ("cowfs", ("fsync=strict",)),
     "cowfs-batch": ("cowfs", ("fsync=batch",)),
     "cowfs-volatile": ("cowfs", ("fsync=volatile",)),
+    # On libfuse 3.17 (scripts/cowfs-on-libfuse-3.17), with FUSE passthrough.
+    "cowfs-passthrough": ("cowfs-3.17", ("passthrough=on",)),
 }
+# cowfs from this source tree on libfuse 3.17, built beside the machine's libfuse.
+COWFS_ON_LIBFUSE_317 = (Path(__file__).resolve().parent.parent / "scripts"
+                        / "cowfs-on-libfuse-3.17")
 DEFAULT_TARGETS = ("native", "overlay", "overlay-metacopy", "overlay-volatile",
                    "fuse-overlayfs", "cowfs")
 # Included by default only when this cowfs accepts its options (see probe_cowfs_options).
@@ -53,6 +58,7 @@ class Target:
     name: str
     kind: str
     options: tuple[str, ...] = ()
+    on_libfuse_317: bool = False    # cowfs through scripts/cowfs-on-libfuse-3.17
 
     @property
     def is_native(self) -> bool:
@@ -60,15 +66,20 @@ class Target:
 
 
 def parse_target(name: str) -> Target:
-    """`overlay-metacopy`, `cowfs-strict`, ... or `cowfs:fsync=batch,OPT` for cowfs with -o OPTS."""
+    """`overlay-metacopy`, `cowfs-strict`, ... or `cowfs:fsync=batch,OPT` for cowfs with -o OPTS
+    (`cowfs-3.17:OPTS`: on libfuse 3.17)."""
     if name in NAMED_TARGETS:
         kind, options = NAMED_TARGETS[name]
-        return Target(name, kind, options)
-    kind, _, options = name.partition(":")
-    if kind in ("cowfs", "overlay", "fuse-overlayfs") and options:
-        return Target(name, kind, tuple(option for option in options.split(",") if option))
-    known = ", ".join(NAMED_TARGETS)
-    raise ValueError(f"unknown target {name!r} (known: {known}, or cowfs:OPTIONS)")
+    else:
+        kind, _, listed = name.partition(":")
+        options = tuple(option for option in listed.split(",") if option)
+        if kind not in ("cowfs", "cowfs-3.17", "overlay", "fuse-overlayfs") or not options:
+            known = ", ".join(NAMED_TARGETS)
+            raise ValueError(f"unknown target {name!r} (known: {known}, or cowfs:OPTIONS, "
+                             f"cowfs-3.17:OPTIONS)")
+    if kind == "cowfs-3.17":
+        return Target(name, "cowfs", options, on_libfuse_317=True)
+    return Target(name, kind, options)
 
 
 @dataclass
@@ -236,7 +247,8 @@ def _mount_command(target: Target, tools: Tools, lowers: list[Path], upper: Path
     if target.kind == "cowfs":
         assert tools.cowfs
         extra = ["-o", ",".join(target.options)] if target.options else []
-        return ([tools.cowfs, "mount", *extra, "--workdir", str(work),
+        cowfs = str(COWFS_ON_LIBFUSE_317) if target.on_libfuse_317 else tools.cowfs
+        return ([cowfs, "mount", *extra, "--workdir", str(work),
                  escape_lowers(lowers, commas=False), str(upper), str(merged)],
                 [tools.cowfs, "umount", str(merged)])
     raise ValueError(f"not a mountable kind: {target.kind}")

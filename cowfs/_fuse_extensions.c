@@ -35,11 +35,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #define EXPORTED __attribute__((visibility("default")))
 
 /* Bumped when the control functions below change: the Python side refuses another value. */
-#define EXTENSIONS_ABI 3
+#define EXTENSIONS_ABI 4
 
 /* Opendir requests are answered in order, a few at a time: more than this many outstanding
  * means pyfuse3 dropped some without a reply, and the oldest are overwritten. A stale entry
@@ -58,6 +59,10 @@ enum counter {
     NOFLUSH_REPLIES,        /* open and create replies sent with noflush */
     EXTRA_REQUESTS,         /* fallocate, lseek, copy_file_range and ioctl requests seen */
     PLAIN_READDIRS,         /* plain READDIR requests served through pyfuse3's readdirplus */
+    PASSTHROUGH_GRANTED,    /* 1: the session reads and writes backing files in the kernel */
+    PASSTHROUGH_OPENS,      /* open and create replies that named a backing file */
+    CONFLICTING_OPENS,      /* ... that could not: the inode passes through to another */
+    BACKING_FILES_OPENED,   /* backing ids made */
     COUNTERS
 };
 
@@ -120,6 +125,11 @@ static int forget_opendir(fuse_req_t req)
     return found;
 }
 
+static void fill_passthrough(struct fuse_lowlevel_ops *table);
+static void grant_passthrough(struct fuse_conn_info *conn);
+static const struct fuse_file_info *with_backing(fuse_req_t req,
+                                                 const struct fuse_file_info *fi);
+
 static void wrapped_init(void *userdata, struct fuse_conn_info *conn)
 {
     if (pyfuse3_init)
@@ -128,6 +138,7 @@ static void wrapped_init(void *userdata, struct fuse_conn_info *conn)
      * made to the 32-bit `want` over into want_ext after this callback returns. */
     unsigned int granted = wanted_capabilities & conn->capable;
     conn->want |= granted;
+    grant_passthrough(conn);
     pthread_mutex_lock(&lock);
     counters[INIT_CALLS]++;
     counters[PROTOCOL_MINOR] = conn->proto_minor;
@@ -173,6 +184,7 @@ static const struct fuse_lowlevel_ops *wrap_operations(const struct fuse_lowleve
     wrapped_operations.opendir = wrapped_opendir;
     fill_extra_operations(&wrapped_operations);
     fill_plain_readdir(&wrapped_operations);
+    fill_passthrough(&wrapped_operations);
     return &wrapped_operations;
 }
 
@@ -225,8 +237,11 @@ int cowfs_reply_open(fuse_req_t req, const struct fuse_file_info *fi)
     static reply_open_t real;
     if (!real)
         real = (reply_open_t)next_symbol("fuse_reply_open");
-    if (!forget_opendir(req))
-        return real(req, without_flush(fi));
+    if (!forget_opendir(req)) {
+        fi = without_flush(fi);
+        const struct fuse_file_info *backed = with_backing(req, fi);
+        return real(req, backed ? backed : fi);
+    }
     struct fuse_file_info cached;
     copy_file_info(&cached, fi);
     cached.cache_readdir = 1;
@@ -451,7 +466,9 @@ int cowfs_reply_create(fuse_req_t req, const struct fuse_entry_param *entry,
     static reply_create_t real;
     if (!real)
         real = (reply_create_t)next_symbol("fuse_reply_create");
-    return real(req, entry, without_flush(fi));
+    fi = without_flush(fi);
+    const struct fuse_file_info *backed = with_backing(req, fi);
+    return real(req, entry, backed ? backed : fi);
 }
 
 /* The Python function that serves the extra operations (NULL: answer ENOSYS), the ioctl
@@ -582,4 +599,264 @@ int cowfs_reply_buf(fuse_req_t req, const char *buffer, size_t size)
 EXPORTED int cowfs_extensions_plain_listing(uint64_t fh)
 {
     return find_plain_listing(NULL, fh);
+}
+
+/* -- passthrough: file data between the kernel and the backing file ------------------------
+ *
+ * With libfuse >= 3.17 (and a kernel with FUSE passthrough, the daemon root), an open reply
+ * may name a backing file the kernel then reads, writes and maps itself: no READ or WRITE
+ * request reaches the daemon. The Python side announces every file handle before its open or
+ * create reply (`cowfs_extensions_offer_backing`), with the fd the kernel may use or -1 (a
+ * lower file, which a copy-up may replace while it is open). The kernel's rules are per
+ * inode, and an open reply that breaks them fails the open (EIO or ETXTBSY):
+ *
+ *   - one backing file per inode, and while it has one, every open must pass through to
+ *     that same file: so the backing id is kept per inode while its passthrough opens last,
+ *     and closed when the last is released;
+ *   - passthrough and cached opens of one inode exclude each other: an inode with a cached
+ *     open (a handle announced with -1, or whose backing id could not be made) gets cached
+ *     opens only, until they are all released.
+ *
+ * The Python side offers only a file's last copy, so an inode's backing file never has to
+ * change while open; an offer of another file than the inode's backing one is answered as
+ * is, which the kernel refuses (counted: CONFLICTING_OPENS). */
+
+enum open_kind { OPEN_OFFERED, OPEN_CACHED, OPEN_PASSTHROUGH, OPEN_CONFLICTING };
+
+struct open_inode {
+    uint64_t ino;
+    int backing_id;                 /* > 0 while passthrough opens use it */
+    dev_t backing_device;           /* the file it names */
+    ino_t backing_inode;
+    unsigned int passthrough_opens;
+    unsigned int cached_opens;
+    struct open_inode *next;
+};
+
+struct open_handle {
+    uint64_t fh;
+    struct open_inode *inode;
+    enum open_kind kind;
+    int fd;                         /* the offered fd (-1: none), until the reply */
+    struct open_handle *next;
+};
+
+#define OPEN_BUCKETS 1024
+
+static int passthrough_wanted;
+static int passthrough_granted;
+static int passthrough_failed;      /* the first backing open failed: no more tries */
+static struct open_inode *open_inodes[OPEN_BUCKETS];
+static struct open_handle *open_handles[OPEN_BUCKETS];
+static void (*pyfuse3_release)(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
+
+static struct open_inode *open_inode(uint64_t ino)
+{
+    struct open_inode **bucket = &open_inodes[ino % OPEN_BUCKETS];
+    for (struct open_inode *node = *bucket; node; node = node->next)
+        if (node->ino == ino)
+            return node;
+    struct open_inode *node = calloc(1, sizeof(*node));
+    if (node) {
+        node->ino = ino;
+        node->next = *bucket;
+        *bucket = node;
+    }
+    return node;
+}
+
+static void drop_open_inode_if_unused(struct open_inode *unused)
+{
+    if (unused->passthrough_opens || unused->cached_opens)
+        return;
+    for (struct open_inode **link = &open_inodes[unused->ino % OPEN_BUCKETS]; *link;
+         link = &(*link)->next) {
+        if (*link == unused) {
+            *link = unused->next;
+            free(unused);
+            return;
+        }
+    }
+}
+
+/* The handle entry for *fh*, unlinked from the table (the caller owns it), or NULL. */
+static struct open_handle *take_open_handle(uint64_t fh)
+{
+    for (struct open_handle **link = &open_handles[fh % OPEN_BUCKETS]; *link;
+         link = &(*link)->next) {
+        struct open_handle *handle = *link;
+        if (handle->fh == fh) {
+            *link = handle->next;
+            return handle;
+        }
+    }
+    return NULL;
+}
+
+static void put_open_handle(struct open_handle *handle)
+{
+    struct open_handle **bucket = &open_handles[handle->fh % OPEN_BUCKETS];
+    handle->next = *bucket;
+    *bucket = handle;
+}
+
+#ifdef FUSE_CAP_PASSTHROUGH
+/* What the open of *handle* is; called with the lock held, from the reply. */
+static enum open_kind choose_open_kind(fuse_req_t req, struct open_handle *handle)
+{
+    struct open_inode *inode = handle->inode;
+    struct stat file;
+    if (handle->fd < 0 || fstat(handle->fd, &file) || !S_ISREG(file.st_mode))
+        return inode->passthrough_opens ? OPEN_CONFLICTING : OPEN_CACHED;
+    if (inode->cached_opens)
+        return OPEN_CACHED;
+    if (inode->passthrough_opens)
+        return inode->backing_device == file.st_dev && inode->backing_inode == file.st_ino
+               ? OPEN_PASSTHROUGH : OPEN_CONFLICTING;
+    if (passthrough_failed)
+        return OPEN_CACHED;
+    int backing_id = fuse_passthrough_open(req, handle->fd);
+    if (backing_id <= 0) {
+        passthrough_failed = errno ? errno : EIO;
+        return OPEN_CACHED;
+    }
+    counters[BACKING_FILES_OPENED]++;
+    inode->backing_id = backing_id;
+    inode->backing_device = file.st_dev;
+    inode->backing_inode = file.st_ino;
+    return OPEN_PASSTHROUGH;
+}
+#endif
+
+/* *fi* as the open reply of a passthrough session sends it: NULL where nothing changes. */
+static const struct fuse_file_info *with_backing(fuse_req_t req,
+                                                 const struct fuse_file_info *fi)
+{
+    if (!passthrough_granted || !fi)
+        return NULL;
+    static __thread struct fuse_file_info marked;
+    const struct fuse_file_info *reply = NULL;
+    pthread_mutex_lock(&lock);
+    struct open_handle *handle = take_open_handle(fi->fh);
+    if (handle && handle->kind == OPEN_OFFERED) {
+#ifdef FUSE_CAP_PASSTHROUGH
+        handle->kind = choose_open_kind(req, handle);
+#else
+        (void)req;
+        handle->kind = OPEN_CACHED;
+#endif
+        copy_file_info(&marked, fi);
+        if (handle->kind == OPEN_PASSTHROUGH) {
+            handle->inode->passthrough_opens++;
+            counters[PASSTHROUGH_OPENS]++;
+#ifdef FUSE_CAP_PASSTHROUGH
+            marked.backing_id = handle->inode->backing_id;
+#endif
+            marked.keep_cache = 0;
+            marked.direct_io = 0;
+            reply = &marked;
+        } else if (handle->kind == OPEN_CONFLICTING) {
+            counters[CONFLICTING_OPENS]++;
+        } else {
+            handle->inode->cached_opens++;
+        }
+    }
+    if (handle)
+        put_open_handle(handle);
+    pthread_mutex_unlock(&lock);
+    return reply;
+}
+
+static void release_with_backing(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    pthread_mutex_lock(&lock);
+    struct open_handle *handle = take_open_handle(fi->fh);
+    if (handle) {
+        struct open_inode *inode = handle->inode;
+        if (handle->kind == OPEN_PASSTHROUGH && !--inode->passthrough_opens) {
+#ifdef FUSE_CAP_PASSTHROUGH
+            fuse_passthrough_close(req, inode->backing_id);
+#endif
+            inode->backing_id = 0;
+        } else if (handle->kind == OPEN_CACHED) {
+            inode->cached_opens--;
+        }
+        drop_open_inode_if_unused(inode);
+        free(handle);
+    }
+    pthread_mutex_unlock(&lock);
+    pyfuse3_release(req, ino, fi);
+}
+
+static void fill_passthrough(struct fuse_lowlevel_ops *table)
+{
+    if (!passthrough_wanted || !table->release)
+        return;
+    pyfuse3_release = table->release;
+    table->release = release_with_backing;
+}
+
+/* After pyfuse3's init: ask for passthrough where the kernel offers it and the writeback
+ * cache is not asked for (the kernel turns passthrough off under it). Backing files may be on
+ * a stacked filesystem (an overlay under the layers): a stack depth of one. */
+static void grant_passthrough(struct fuse_conn_info *conn)
+{
+#ifdef FUSE_CAP_PASSTHROUGH
+    if (passthrough_wanted && (conn->capable & FUSE_CAP_PASSTHROUGH)
+        && !(conn->want & FUSE_CAP_WRITEBACK_CACHE)) {
+        conn->want |= FUSE_CAP_PASSTHROUGH;
+        conn->max_backing_stack_depth = 1;
+        passthrough_granted = 1;
+        counters[PASSTHROUGH_GRANTED] = 1;
+    }
+#else
+    (void)conn;
+#endif
+}
+
+/* Whether sessions made from now on ask for passthrough; call before pyfuse3.init. Asking
+ * does nothing where the library was built against libfuse < 3.17. */
+EXPORTED int cowfs_extensions_configure_passthrough(int wanted)
+{
+#ifdef FUSE_CAP_PASSTHROUGH
+    pthread_mutex_lock(&lock);
+    passthrough_wanted = wanted;
+    pthread_mutex_unlock(&lock);
+    return 1;
+#else
+    (void)wanted;
+    return 0;
+#endif
+}
+
+/* Handle *fh* of inode *ino* reads and writes *fd*: the open or create reply for it, sent
+ * next, may name that file as its backing file. */
+EXPORTED void cowfs_extensions_offer_backing(uint64_t fh, uint64_t ino, int fd)
+{
+    if (!passthrough_granted)
+        return;
+    struct open_handle *handle = calloc(1, sizeof(*handle));
+    if (!handle)
+        return;
+    pthread_mutex_lock(&lock);
+    struct open_handle *unreplied = take_open_handle(fh);
+    if (unreplied) {
+        drop_open_inode_if_unused(unreplied->inode);
+        free(unreplied);
+    }
+    handle->fh = fh;
+    handle->fd = fd;
+    handle->kind = OPEN_OFFERED;
+    handle->inode = open_inode(ino);
+    if (handle->inode)
+        put_open_handle(handle);
+    else
+        free(handle);
+    pthread_mutex_unlock(&lock);
+}
+
+/* Why backing files could not be made (an errno), 0 if they could. */
+EXPORTED int cowfs_extensions_passthrough_error(void)
+{
+    return passthrough_failed;
 }

@@ -44,6 +44,9 @@ class MountOptions:
     # The kernel's writeback cache (`-o writeback=1`): writes gather in the page cache and
     # reach the daemon as page runs at writeback, fsync or close (docs/ARCHITECTURE.md).
     writeback_cache: bool = False
+    # FUSE passthrough (`-o passthrough=on`; libfuse >= 3.17, root): the kernel reads and
+    # writes the backing files itself (docs/ARCHITECTURE.md says when).
+    passthrough: bool = False
 
 
 def serve(stack: LayerStack, mountpoint: str, options: MountOptions,
@@ -52,7 +55,8 @@ def serve(stack: LayerStack, mountpoint: str, options: MountOptions,
     makes the changes durable."""
     from cowfs import fuse_extensions
     # before pyfuse3 is imported
-    fuse_extensions.load(enabled=options.kernel_caches, plain_listings=options.plain_listings)
+    fuse_extensions.load(enabled=options.kernel_caches, plain_listings=options.plain_listings,
+                         passthrough=options.passthrough and os.geteuid() == 0)
     from cowfs import mount, union
     _raise_fd_limit()
     os.umask(0)   # the kernel applies the caller's umask before asking us

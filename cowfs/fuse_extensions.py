@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # opendir and fail a request. Another version runs without the extensions.
 KNOWN_PYFUSE3 = "3.5.0"
 # The control functions' version in _fuse_extensions.c (EXTENSIONS_ABI).
-EXTENSIONS_ABI = 3
+EXTENSIONS_ABI = 4
 # libfuse's FUSE_CAP_CACHE_SYMLINKS: the kernel keeps symlink targets in the page cache.
 CAP_CACHE_SYMLINKS = 1 << 23
 # libfuse's FUSE_CAP_READDIRPLUS_AUTO: plain READDIR where no entry's attributes are wanted.
@@ -33,7 +33,8 @@ CACHE_DIR_PROTOCOL_MINOR = 28
 
 # Counter indices in _fuse_extensions.c (enum counter).
 SESSIONS_WRAPPED, INIT_CALLS, PROTOCOL_MINOR, CAPABLE, GRANTED, OPENDIRS_SEEN, \
-    CACHED_LISTING_REPLIES, NOFLUSH_REPLIES, EXTRA_REQUESTS, PLAIN_READDIRS = range(10)
+    CACHED_LISTING_REPLIES, NOFLUSH_REPLIES, EXTRA_REQUESTS, PLAIN_READDIRS, \
+    PASSTHROUGH_GRANTED, PASSTHROUGH_OPENS, CONFLICTING_OPENS, BACKING_FILES_OPENED = range(14)
 
 # The extra operations' codes in _fuse_extensions.c (enum extra_operation).
 EXTRA_FALLOCATE, EXTRA_LSEEK, EXTRA_COPY_FILE_RANGE, EXTRA_IOCTL = 1, 2, 3, 4
@@ -55,6 +56,9 @@ class KernelFeatures:
     noflush: bool = False           # no FLUSH request at close (FOPEN_NOFLUSH)
     # Listings without every entry's attributes where none are wanted (READDIRPLUS_AUTO).
     plain_listings: bool = False
+    # File data read and written by the kernel in the backing file (FUSE passthrough,
+    # libfuse >= 3.17, `-o passthrough=on`).
+    passthrough: bool = False
 
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -81,6 +85,10 @@ class _Library:
         self.handler: Any = None
         self.noflush = False
         self.plain_listings = False     # READDIRPLUS_AUTO asked for
+        self.passthrough = False        # asked for, from a library that can
+        library.cowfs_extensions_offer_backing.argtypes = [
+            ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int]
+        self.offer_backing = library.cowfs_extensions_offer_backing
 
     def counter(self, which: int) -> int:
         return int(self.library.cowfs_extensions_counter(which))
@@ -174,9 +182,10 @@ def _why_not_loadable() -> str | None:
     return None
 
 
-def load(*, enabled: bool = True, plain_listings: bool = False) -> None:
+def load(*, enabled: bool = True, plain_listings: bool = False, passthrough: bool = False
+         ) -> None:
     """Load the library into the process so pyfuse3 binds to it; call before importing pyfuse3.
-    *plain_listings* asks for READDIRPLUS_AUTO.
+    *plain_listings* asks for READDIRPLUS_AUTO, *passthrough* for FUSE passthrough.
 
     Says once why the mount runs without the extensions, if it does."""
     global _library, _reason
@@ -198,6 +207,11 @@ def load(*, enabled: bool = True, plain_listings: bool = False) -> None:
             _library.plain_listings = plain_listings
             library.cowfs_extensions_configure(
                 1, CAP_CACHE_SYMLINKS | (CAP_READDIRPLUS_AUTO if plain_listings else 0))
+            if passthrough:
+                _library.passthrough = bool(library.cowfs_extensions_configure_passthrough(1))
+                if not _library.passthrough:
+                    log.warning("no passthrough: the extensions were built against "
+                                "libfuse < 3.17")
     if _reason is None:
         log.debug("kernel-cache extensions loaded")
     elif enabled:
@@ -231,7 +245,8 @@ def features() -> KernelFeatures:
                           else None,
                           fallocate=routed, lseek=routed, copy_file_range=routed,
                           fileattr_ioctls=routed, noflush=_library.noflush,
-                          plain_listings=plain)
+                          plain_listings=plain,
+                          passthrough=bool(_library.counter(PASSTHROUGH_GRANTED)))
 
 
 def counters() -> dict[str, int]:
@@ -242,7 +257,11 @@ def counters() -> dict[str, int]:
             "cached_listing_replies": _library.counter(CACHED_LISTING_REPLIES),
             "noflush_replies": _library.counter(NOFLUSH_REPLIES),
             "extra_requests": _library.counter(EXTRA_REQUESTS),
-            "plain_readdirs": _library.counter(PLAIN_READDIRS)}
+            "plain_readdirs": _library.counter(PLAIN_READDIRS),
+            "passthrough_opens": _library.counter(PASSTHROUGH_OPENS),
+            "conflicting_opens": _library.counter(CONFLICTING_OPENS),
+            "backing_files_opened": _library.counter(BACKING_FILES_OPENED),
+            "backing_file_error": _library.library.cowfs_extensions_passthrough_error()}
 
 
 def is_plain_listing(fh: int) -> bool:
@@ -250,6 +269,15 @@ def is_plain_listing(fh: int) -> bool:
     entries need a name, an inode number and a type, and the kernel counts no lookup."""
     # Asked only where plain listings were asked for: a readdir costs no call into C else.
     return _library is not None and _library.plain_listings and bool(_library.plain_listing(fh))
+
+
+def offer_backing(fh: int, inode: int, fd: int) -> None:
+    """File handle *fh* of *inode* reads and writes *fd*: its open or create reply, sent next,
+    may name that file as the backing file the kernel reads and writes itself (passthrough;
+    the library decides per open, by the kernel's rules: docs/ARCHITECTURE.md). With *fd* -1
+    the open is cached, and counted: with passthrough on, every file open is offered."""
+    if _library is not None and _library.passthrough:
+        _library.offer_backing(fh, inode, fd)
 
 
 # -- the operations pyfuse3 does not route ------------------------------------------------

@@ -27,7 +27,7 @@ from cowfs.durability import BATCH, BATCH_DELAY_S, VOLATILE, Durability
 from cowfs.idmap import IDENTITY, IdMap
 from cowfs.inodes import InodeTable, Node, NodeId
 from cowfs.layers import read_mountinfo
-from cowfs.lookup import BrokenEntry, Directory, Entry, Listing, Name
+from cowfs.lookup import UPPER, BrokenEntry, Directory, Entry, Listing, Name
 from cowfs.union import Caller, Union
 from cowfs.whiteout import check_new_name
 
@@ -293,9 +293,20 @@ class Operations(pyfuse3.Operations):
             fd, direct = self.union.open(entry, flags), True
         handle_id = self._new_handle()
         self._file_handles[handle_id] = FileHandle(entry, fd, flags)
+        self._offer_backing(handle_id, inode, entry, fd)
         # Only cowfs changes the file, through this same kernel inode: its cache stays right.
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle_id), keep_cache=not direct,
                                 direct_io=direct)
+
+    def _offer_backing(self, handle_id: int, inode: int, entry: Entry, fd: int) -> None:
+        """Let the kernel read and write *fd* itself (passthrough) where it is the file's last
+        copy: the upper file, or any file of a mount with no upper. The kernel fixes a file's
+        backing file for as long as any passthrough open of it lasts, and fails every open
+        that does not name that same file (EIO), so a lower file, which a copy-up may replace
+        while it is open, is read through the daemon and the page cache instead (the library
+        counts those opens too: a cached open and a passthrough one exclude each other)."""
+        last_copy = not self.union.writable or (entry.layer == UPPER and not entry.metacopy)
+        fuse_extensions.offer_backing(handle_id, inode, fd if last_copy else -1)
 
     def _backing_flags(self, flags: int) -> int:
         """The open flags of a handle's fd. With the writeback cache the kernel writes dirty
@@ -448,8 +459,9 @@ class Operations(pyfuse3.Operations):
                                       self._backing_flags(flags), self._caller(ctx))
         handle_id = self._new_handle()
         self._file_handles[handle_id] = FileHandle(entry, fd, flags)
-        return (pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle_id), keep_cache=True),
-                self._reply_entry(entry))
+        reply = self._reply_entry(entry)
+        self._offer_backing(handle_id, reply.st_ino, entry, fd)
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle_id), keep_cache=True), reply
 
     @replies_errno
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:

@@ -18,7 +18,8 @@ VALUED = {"lowerdir": "DIRS", "upperdir": "DIR", "workdir": "DIR", "fsname": "NA
           "fsync": "strict|batch|volatile", "uidmapping": "A:B:N[:A:B:N...]",
           "gidmapping": "A:B:N[:A:B:N...]", "squash_to_uid": "UID", "squash_to_gid": "GID",
           "metacopy": "on|off", "redirect_dir": "on|follow|off|nofollow", "index": "on|off",
-          "kernel_caches": "on|off", "readdirplus": "yes|auto", "writeback": "0|1"}
+          "kernel_caches": "on|off", "readdirplus": "yes|auto", "writeback": "0|1",
+          "passthrough": "on|off"}
 # Honoured flags.
 FLAGS = {"nonempty", "ro", "userxattr", "volatile", "debug", "squash_to_root"}
 # Passed on to the kernel as mount flags.
@@ -95,7 +96,11 @@ def parse(values: Sequence[str], *, is_root: bool = True) -> ParsedOptions:
         kernel_caches=_switch(settings, "kernel_caches", ("on", "off"), "on", default=True),
         plain_listings=_switch(settings, "readdirplus", ("yes", "auto"), "auto",
                                default=False),
-        writeback_cache=_switch(settings, "writeback", ("0", "1"), "1", default=False))
+        writeback_cache=_switch(settings, "writeback", ("0", "1"), "1", default=False),
+        passthrough=_switch(settings, "passthrough", ("on", "off"), "on", default=False))
+    if parsed.mount.passthrough and parsed.mount.writeback_cache:
+        raise OptionError("mount options 'passthrough=on' and 'writeback=1' exclude each "
+                          "other: the kernel has no passthrough under the writeback cache")
     return parsed
 
 

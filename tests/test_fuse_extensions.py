@@ -21,7 +21,7 @@ WARM_ATTEMPTS = 5
 # (tests/test_extra_operations.py tests each); plain listings are asked for with
 # -o readdirplus=auto (tests/test_plain_listings.py).
 ROUTED = {**dict.fromkeys(("fallocate", "lseek", "copy_file_range", "fileattr_ioctls",
-                           "noflush"), True), "plain_listings": False}
+                           "noflush"), True), "plain_listings": False, "passthrough": False}
 
 
 def statistics(merged: Path) -> dict:
@@ -138,3 +138,19 @@ def test_the_switch_is_a_mount_option() -> None:
     assert options.parse(["lowerdir=/l,writeback=1"]).mount.writeback_cache
     with pytest.raises(options.OptionError, match=r"expected writeback=0\|1"):
         options.parse(["writeback=yes"])
+    assert not options.parse(["lowerdir=/l"]).mount.passthrough
+    assert options.parse(["lowerdir=/l,passthrough=on"]).mount.passthrough
+    with pytest.raises(options.OptionError, match=r"'passthrough=on' and 'writeback=1' exclude"):
+        options.parse(["lowerdir=/l,passthrough=on,writeback=1"])
+
+
+def test_passthrough_asked_of_libfuse_314_mounts_without_it(tree) -> None:
+    """libfuse 3.14 has no passthrough: the mount works, says so, and serves data itself
+    (tests/test_passthrough.py tests it on 3.17)."""
+    lower, upper, merged = tree
+    (lower / "data").write_bytes(b"data")
+    with mounted_cowfs([lower], merged, upper, extra=("-o", "passthrough=on")) as mount:
+        assert (merged / "data").read_bytes() == b"data"
+        stats = statistics(merged)
+        assert not stats["kernel_features"]["passthrough"] and stats["requests"]["read"] == 1
+        assert "no passthrough: the extensions were built against libfuse < 3.17" in mount.log()
