@@ -39,7 +39,7 @@
 #define EXPORTED __attribute__((visibility("default")))
 
 /* Bumped when the control functions below change: the Python side refuses another value. */
-#define EXTENSIONS_ABI 3
+#define EXTENSIONS_ABI 4
 
 /* Opendir requests are answered in order, a few at a time: more than this many outstanding
  * means pyfuse3 dropped some without a reply, and the oldest are overwritten. A stale entry
@@ -58,6 +58,8 @@ enum counter {
     NOFLUSH_REPLIES,        /* open and create replies sent with noflush */
     EXTRA_REQUESTS,         /* fallocate, lseek, copy_file_range and ioctl requests seen */
     PLAIN_READDIRS,         /* plain READDIR requests served through pyfuse3's readdirplus */
+    TMPFILE_ROUTED,         /* 1 where the table's tmpfile entry was filled (libfuse >= 3.17) */
+    TMPFILE_REQUESTS,       /* TMPFILE requests passed to pyfuse3's create handler */
     COUNTERS
 };
 
@@ -145,13 +147,17 @@ static void wrapped_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_inf
 
 static void fill_extra_operations(struct fuse_lowlevel_ops *table);
 static void fill_plain_readdir(struct fuse_lowlevel_ops *table);
+static void fill_tmpfile(struct fuse_lowlevel_ops *table);
 
 /* The table libfuse will use: pyfuse3's, with init and opendir wrapped. A table too short
  * for the entries wrapped here, longer than this library knows, or a second session is
- * passed on unchanged. */
+ * passed on unchanged. A wrapped table is passed whole (*op_size grows to this library's
+ * size): libfuse copies no more than the size it is told, and entries past pyfuse3's table
+ * (tmpfile) are filled here. */
 static const struct fuse_lowlevel_ops *wrap_operations(const struct fuse_lowlevel_ops *op,
-                                                       size_t op_size)
+                                                       size_t *op_size_inout)
 {
+    size_t op_size = *op_size_inout;
     if (op == &wrapped_operations || op_size < OPERATIONS_SIZE_MIN
         || op_size > sizeof(wrapped_operations) || !op->opendir)
         return op;
@@ -173,6 +179,8 @@ static const struct fuse_lowlevel_ops *wrap_operations(const struct fuse_lowleve
     wrapped_operations.opendir = wrapped_opendir;
     fill_extra_operations(&wrapped_operations);
     fill_plain_readdir(&wrapped_operations);
+    fill_tmpfile(&wrapped_operations);
+    *op_size_inout = sizeof(wrapped_operations);
     return &wrapped_operations;
 }
 
@@ -195,7 +203,8 @@ struct fuse_session *cowfs_session_new(struct fuse_args *args,
                                        void *userdata)
 {
     session_new_t real = (session_new_t)next_symbol("fuse_session_new");
-    return real(args, wrap_operations(op, op_size), op_size, userdata);
+    op = wrap_operations(op, &op_size);
+    return real(args, op, op_size, userdata);
 }
 
 #define VERSIONED_SESSION_NEW(c_name, symbol)                                                  \
@@ -206,7 +215,8 @@ struct fuse_session *cowfs_session_new(struct fuse_args *args,
                                 size_t op_size, void *version, void *userdata)               \
     {                                                                                          \
         versioned_session_new_t real = (versioned_session_new_t)next_symbol(symbol);          \
-        return real(args, wrap_operations(op, op_size), op_size, version, userdata);         \
+        op = wrap_operations(op, &op_size);                                                  \
+        return real(args, op, op_size, version, userdata);                                   \
     }
 
 VERSIONED_SESSION_NEW(cowfs_session_new_versioned, "fuse_session_new_versioned")
@@ -583,3 +593,47 @@ EXPORTED int cowfs_extensions_plain_listing(uint64_t fh)
 {
     return find_plain_listing(NULL, fh);
 }
+
+/* -- O_TMPFILE: TMPFILE through pyfuse3's create handler --------------------------------
+ *
+ * libfuse 3.17 has a tmpfile entry at the end of the operations table (3.14 has none and
+ * answers ENOSYS, which the kernel turns into EOPNOTSUPP for the rest of the mount); pyfuse3
+ * 3.5.0 has no handler for it. The request is a create without a name: the same fuse_create_in
+ * (flags, with O_TMPFILE among them), answered with the same entry and open reply. So it goes
+ * to pyfuse3's create handler, which builds that reply, under a name the kernel never sends to
+ * create (the kernel itself calls a tmpfile's dentry "/"); Operations.create
+ * (cowfs/mount.py) recognises it (fuse_extensions.TMPFILE_NAME) and makes an unnamed file. */
+
+#if FUSE_VERSION >= FUSE_MAKE_VERSION(3, 17)
+#define TMPFILE_NAME "/"
+
+static void (*pyfuse3_create)(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
+                              struct fuse_file_info *fi);
+
+static void tmpfile_through_create(fuse_req_t req, fuse_ino_t parent, mode_t mode,
+                                   struct fuse_file_info *fi)
+{
+    pthread_mutex_lock(&lock);
+    counters[TMPFILE_REQUESTS]++;
+    pthread_mutex_unlock(&lock);
+    /* pyfuse3 copies the name and the caller's part of *fi* before it returns. */
+    pyfuse3_create(req, parent, TMPFILE_NAME, mode, fi);
+}
+
+static void fill_tmpfile(struct fuse_lowlevel_ops *table)
+{
+    if (table->tmpfile || !table->create)
+        return;
+    pyfuse3_create = table->create;
+    table->tmpfile = tmpfile_through_create;
+    pthread_mutex_lock(&lock);
+    counters[TMPFILE_ROUTED] = 1;
+    pthread_mutex_unlock(&lock);
+}
+#else
+/* Headers without a tmpfile entry: libfuse answers TMPFILE with ENOSYS. */
+static void fill_tmpfile(struct fuse_lowlevel_ops *table)
+{
+    (void)table;
+}
+#endif

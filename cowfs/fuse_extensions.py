@@ -23,17 +23,23 @@ log = logging.getLogger(__name__)
 # opendir and fail a request. Another version runs without the extensions.
 KNOWN_PYFUSE3 = "3.5.0"
 # The control functions' version in _fuse_extensions.c (EXTENSIONS_ABI).
-EXTENSIONS_ABI = 3
+EXTENSIONS_ABI = 4
 # libfuse's FUSE_CAP_CACHE_SYMLINKS: the kernel keeps symlink targets in the page cache.
 CAP_CACHE_SYMLINKS = 1 << 23
 # libfuse's FUSE_CAP_READDIRPLUS_AUTO: plain READDIR where no entry's attributes are wanted.
 CAP_READDIRPLUS_AUTO = 1 << 14
 # FOPEN_CACHE_DIR came with FUSE protocol 7.28 (Linux 4.20); older kernels ignore the flag.
 CACHE_DIR_PROTOCOL_MINOR = 28
+# FUSE_TMPFILE came with protocol 7.37 (Linux 6.1): older kernels serve no O_TMPFILE on FUSE.
+TMPFILE_PROTOCOL_MINOR = 37
+# The name a TMPFILE request reaches Operations.create under (_fuse_extensions.c routes it to
+# pyfuse3's create handler): no CREATE can carry it, a name is one path component.
+TMPFILE_NAME = b"/"
 
 # Counter indices in _fuse_extensions.c (enum counter).
 SESSIONS_WRAPPED, INIT_CALLS, PROTOCOL_MINOR, CAPABLE, GRANTED, OPENDIRS_SEEN, \
-    CACHED_LISTING_REPLIES, NOFLUSH_REPLIES, EXTRA_REQUESTS, PLAIN_READDIRS = range(10)
+    CACHED_LISTING_REPLIES, NOFLUSH_REPLIES, EXTRA_REQUESTS, PLAIN_READDIRS, TMPFILE_ROUTED, \
+    TMPFILE_REQUESTS = range(12)
 
 # The extra operations' codes in _fuse_extensions.c (enum extra_operation).
 EXTRA_FALLOCATE, EXTRA_LSEEK, EXTRA_COPY_FILE_RANGE, EXTRA_IOCTL = 1, 2, 3, 4
@@ -55,6 +61,8 @@ class KernelFeatures:
     noflush: bool = False           # no FLUSH request at close (FOPEN_NOFLUSH)
     # Listings without every entry's attributes where none are wanted (READDIRPLUS_AUTO).
     plain_listings: bool = False
+    # open(dir, O_TMPFILE): unnamed files, which linkat may name (libfuse >= 3.17's tmpfile).
+    tmpfile: bool = False
 
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -231,7 +239,14 @@ def features() -> KernelFeatures:
                           else None,
                           fallocate=routed, lseek=routed, copy_file_range=routed,
                           fileattr_ioctls=routed, noflush=_library.noflush,
-                          plain_listings=plain)
+                          plain_listings=plain, tmpfile=_serves_tmpfile(_library))
+
+
+def _serves_tmpfile(library: _Library) -> bool:
+    """Whether TMPFILE requests reach Operations.create: the library filled libfuse's tmpfile
+    entry (built against 3.17's headers) and the kernel sends them."""
+    return bool(library.counter(TMPFILE_ROUTED)) and \
+        library.counter(PROTOCOL_MINOR) >= TMPFILE_PROTOCOL_MINOR
 
 
 def counters() -> dict[str, int]:
@@ -242,7 +257,8 @@ def counters() -> dict[str, int]:
             "cached_listing_replies": _library.counter(CACHED_LISTING_REPLIES),
             "noflush_replies": _library.counter(NOFLUSH_REPLIES),
             "extra_requests": _library.counter(EXTRA_REQUESTS),
-            "plain_readdirs": _library.counter(PLAIN_READDIRS)}
+            "plain_readdirs": _library.counter(PLAIN_READDIRS),
+            "tmpfile_requests": _library.counter(TMPFILE_REQUESTS)}
 
 
 def is_plain_listing(fh: int) -> bool:
