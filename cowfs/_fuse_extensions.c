@@ -63,6 +63,8 @@ enum counter {
     PASSTHROUGH_OPENS,      /* open and create replies that named a backing file */
     CONFLICTING_OPENS,      /* ... that could not: the inode passes through to another */
     BACKING_FILES_OPENED,   /* backing ids made */
+    TMPFILE_ROUTED,         /* 1 where the table's tmpfile entry was filled (libfuse >= 3.17) */
+    TMPFILE_REQUESTS,       /* TMPFILE requests passed to pyfuse3's create handler */
     COUNTERS
 };
 
@@ -87,7 +89,9 @@ static void *next_symbol(const char *name)
  * against older headers than this library (pyfuse3 against 3.14, this against 3.17: the
  * opt-in test of scripts/libfuse-3.17.sh) passes the shorter ones. */
 #define OPERATIONS_SIZE_MIN (offsetof(struct fuse_lowlevel_ops, lseek) + sizeof(void *))
-#define FILE_INFO_SIZE_BEFORE_3_17 40
+/* Where the members of a fuse_file_info before 3.17 end (poll_events): its 4 bytes of tail
+ * padding, which the caller may leave unset, are where 3.17 put backing_id. */
+#define FILE_INFO_SIZE_BEFORE_3_17 36
 
 /* The size of the fuse_file_info structs the caller passes: copied so much and no more, so
  * the tail of a shorter struct never reads as flags of a newer one (3.17's backing_id would
@@ -156,13 +160,17 @@ static void wrapped_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_inf
 
 static void fill_extra_operations(struct fuse_lowlevel_ops *table);
 static void fill_plain_readdir(struct fuse_lowlevel_ops *table);
+static void fill_tmpfile(struct fuse_lowlevel_ops *table);
 
 /* The table libfuse will use: pyfuse3's, with init and opendir wrapped. A table too short
  * for the entries wrapped here, longer than this library knows, or a second session is
- * passed on unchanged. */
+ * passed on unchanged. A wrapped table is passed whole (*op_size grows to this library's
+ * size): libfuse copies no more than the size it is told, and entries past pyfuse3's table
+ * (tmpfile) are filled here. */
 static const struct fuse_lowlevel_ops *wrap_operations(const struct fuse_lowlevel_ops *op,
-                                                       size_t op_size)
+                                                       size_t *op_size_inout)
 {
+    size_t op_size = *op_size_inout;
     if (op == &wrapped_operations || op_size < OPERATIONS_SIZE_MIN
         || op_size > sizeof(wrapped_operations) || !op->opendir)
         return op;
@@ -185,6 +193,8 @@ static const struct fuse_lowlevel_ops *wrap_operations(const struct fuse_lowleve
     fill_extra_operations(&wrapped_operations);
     fill_plain_readdir(&wrapped_operations);
     fill_passthrough(&wrapped_operations);
+    fill_tmpfile(&wrapped_operations);
+    *op_size_inout = sizeof(wrapped_operations);
     return &wrapped_operations;
 }
 
@@ -207,7 +217,8 @@ struct fuse_session *cowfs_session_new(struct fuse_args *args,
                                        void *userdata)
 {
     session_new_t real = (session_new_t)next_symbol("fuse_session_new");
-    return real(args, wrap_operations(op, op_size), op_size, userdata);
+    op = wrap_operations(op, &op_size);
+    return real(args, op, op_size, userdata);
 }
 
 #define VERSIONED_SESSION_NEW(c_name, symbol)                                                  \
@@ -218,7 +229,8 @@ struct fuse_session *cowfs_session_new(struct fuse_args *args,
                                 size_t op_size, void *version, void *userdata)               \
     {                                                                                          \
         versioned_session_new_t real = (versioned_session_new_t)next_symbol(symbol);          \
-        return real(args, wrap_operations(op, op_size), op_size, version, userdata);         \
+        op = wrap_operations(op, &op_size);                                                  \
+        return real(args, op, op_size, version, userdata);                                   \
     }
 
 VERSIONED_SESSION_NEW(cowfs_session_new_versioned, "fuse_session_new_versioned")
@@ -350,12 +362,16 @@ static int serves_ioctl(unsigned int command)
     return served;
 }
 
+/* *fi* as a file's open reply sends it: with noflush where asked, and always in a struct of
+ * this library's size (libfuse reads the whole of one, the caller's may be shorter). */
 static const struct fuse_file_info *without_flush(const struct fuse_file_info *fi)
 {
     static __thread struct fuse_file_info marked;
-    if (!no_flush || !fi)
+    if (!fi || (!no_flush && caller_file_info_size == sizeof(*fi)))
         return fi;
     copy_file_info(&marked, fi);
+    if (!no_flush)
+        return &marked;
     marked.noflush = 1;
     pthread_mutex_lock(&lock);
     counters[NOFLUSH_REPLIES]++;
@@ -860,3 +876,46 @@ EXPORTED int cowfs_extensions_passthrough_error(void)
 {
     return passthrough_failed;
 }
+/* -- O_TMPFILE: TMPFILE through pyfuse3's create handler --------------------------------
+ *
+ * libfuse 3.17 has a tmpfile entry at the end of the operations table (3.14 has none and
+ * answers ENOSYS, which the kernel turns into EOPNOTSUPP for the rest of the mount); pyfuse3
+ * 3.5.0 has no handler for it. The request is a create without a name: the same fuse_create_in
+ * (flags, with O_TMPFILE among them), answered with the same entry and open reply. So it goes
+ * to pyfuse3's create handler, which builds that reply, under a name the kernel never sends to
+ * create (the kernel itself calls a tmpfile's dentry "/"); Operations.create
+ * (cowfs/mount.py) recognises it (fuse_extensions.TMPFILE_NAME) and makes an unnamed file. */
+
+#if FUSE_VERSION >= FUSE_MAKE_VERSION(3, 17)
+#define TMPFILE_NAME "/"
+
+static void (*pyfuse3_create)(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
+                              struct fuse_file_info *fi);
+
+static void tmpfile_through_create(fuse_req_t req, fuse_ino_t parent, mode_t mode,
+                                   struct fuse_file_info *fi)
+{
+    pthread_mutex_lock(&lock);
+    counters[TMPFILE_REQUESTS]++;
+    pthread_mutex_unlock(&lock);
+    /* pyfuse3 copies the name and the caller's part of *fi* before it returns. */
+    pyfuse3_create(req, parent, TMPFILE_NAME, mode, fi);
+}
+
+static void fill_tmpfile(struct fuse_lowlevel_ops *table)
+{
+    if (table->tmpfile || !table->create)
+        return;
+    pyfuse3_create = table->create;
+    table->tmpfile = tmpfile_through_create;
+    pthread_mutex_lock(&lock);
+    counters[TMPFILE_ROUTED] = 1;
+    pthread_mutex_unlock(&lock);
+}
+#else
+/* Headers without a tmpfile entry: libfuse answers TMPFILE with ENOSYS. */
+static void fill_tmpfile(struct fuse_lowlevel_ops *table)
+{
+    (void)table;
+}
+#endif

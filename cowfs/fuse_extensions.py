@@ -30,11 +30,17 @@ CAP_CACHE_SYMLINKS = 1 << 23
 CAP_READDIRPLUS_AUTO = 1 << 14
 # FOPEN_CACHE_DIR came with FUSE protocol 7.28 (Linux 4.20); older kernels ignore the flag.
 CACHE_DIR_PROTOCOL_MINOR = 28
+# FUSE_TMPFILE came with protocol 7.37 (Linux 6.1): older kernels serve no O_TMPFILE on FUSE.
+TMPFILE_PROTOCOL_MINOR = 37
+# The name a TMPFILE request reaches Operations.create under (_fuse_extensions.c routes it to
+# pyfuse3's create handler): no CREATE can carry it, a name is one path component.
+TMPFILE_NAME = b"/"
 
 # Counter indices in _fuse_extensions.c (enum counter).
 SESSIONS_WRAPPED, INIT_CALLS, PROTOCOL_MINOR, CAPABLE, GRANTED, OPENDIRS_SEEN, \
     CACHED_LISTING_REPLIES, NOFLUSH_REPLIES, EXTRA_REQUESTS, PLAIN_READDIRS, \
-    PASSTHROUGH_GRANTED, PASSTHROUGH_OPENS, CONFLICTING_OPENS, BACKING_FILES_OPENED = range(14)
+    PASSTHROUGH_GRANTED, PASSTHROUGH_OPENS, CONFLICTING_OPENS, BACKING_FILES_OPENED, \
+    TMPFILE_ROUTED, TMPFILE_REQUESTS = range(16)
 
 # The extra operations' codes in _fuse_extensions.c (enum extra_operation).
 EXTRA_FALLOCATE, EXTRA_LSEEK, EXTRA_COPY_FILE_RANGE, EXTRA_IOCTL = 1, 2, 3, 4
@@ -59,6 +65,8 @@ class KernelFeatures:
     # File data read and written by the kernel in the backing file (FUSE passthrough,
     # libfuse >= 3.17, `-o passthrough=on`).
     passthrough: bool = False
+    # open(dir, O_TMPFILE): unnamed files, which linkat may name (libfuse >= 3.17's tmpfile).
+    tmpfile: bool = False
 
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -246,7 +254,15 @@ def features() -> KernelFeatures:
                           fallocate=routed, lseek=routed, copy_file_range=routed,
                           fileattr_ioctls=routed, noflush=_library.noflush,
                           plain_listings=plain,
-                          passthrough=bool(_library.counter(PASSTHROUGH_GRANTED)))
+                          passthrough=bool(_library.counter(PASSTHROUGH_GRANTED)),
+                          tmpfile=_serves_tmpfile(_library))
+
+
+def _serves_tmpfile(library: _Library) -> bool:
+    """Whether TMPFILE requests reach Operations.create: the library filled libfuse's tmpfile
+    entry (built against 3.17's headers) and the kernel sends them."""
+    return bool(library.counter(TMPFILE_ROUTED)) and \
+        library.counter(PROTOCOL_MINOR) >= TMPFILE_PROTOCOL_MINOR
 
 
 def counters() -> dict[str, int]:
@@ -261,7 +277,8 @@ def counters() -> dict[str, int]:
             "passthrough_opens": _library.counter(PASSTHROUGH_OPENS),
             "conflicting_opens": _library.counter(CONFLICTING_OPENS),
             "backing_files_opened": _library.counter(BACKING_FILES_OPENED),
-            "backing_file_error": _library.library.cowfs_extensions_passthrough_error()}
+            "backing_file_error": _library.library.cowfs_extensions_passthrough_error(),
+            "tmpfile_requests": _library.counter(TMPFILE_REQUESTS)}
 
 
 def is_plain_listing(fh: int) -> bool:

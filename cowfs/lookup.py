@@ -59,8 +59,8 @@ class Entry:
     file stays reachable (and its inode allocated) for as long as anyone holds the entry.
     """
 
-    __slots__ = ("__weakref__", "_unpin", "data", "data_parent", "index_name", "layer",
-                 "metacopy", "names", "origin_ino", "pinned_fd", "removed", "stat")
+    __slots__ = ("__weakref__", "_unpin", "anonymous", "data", "data_parent", "index_name",
+                 "layer", "metacopy", "names", "origin_ino", "pinned_fd", "removed", "stat")
 
     def __init__(self, name: Name | None, layer: int, st: os.stat_result) -> None:
         self.names: list[Name] = [] if name is None else [name]
@@ -69,6 +69,8 @@ class Entry:
         # The inode number the merged view showed before copy-up, recorded in the upper copy.
         self.origin_ino: int | None = None
         self.removed = False     # every name is gone: only holders of the entry reach it
+        # Made unnamed (O_TMPFILE) and not linked yet: removed, but a first link may name it.
+        self.anonymous = False
         self.pinned_fd: int | None = None
         self._unpin: weakref.finalize | None = None
         # An upper copy with metadata only (the kernel's metacopy): its data is still in the
@@ -118,6 +120,10 @@ class Entry:
         directory_fd, name = self.location(fds)
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory_fd) \
             if name is not None else os.dup(directory_fd)
+        self._set_pinned(fd)
+
+    def hold(self, fd: int) -> None:
+        """Pin the copy through *fd*, which the entry takes: a file made without a name."""
         self._set_pinned(fd)
 
     def _set_pinned(self, fd: int | None) -> None:

@@ -455,8 +455,15 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._directory_node(parent_inode)
-        entry, fd = self.union.create(parent.entry, os.fsdecode(name), mode,
-                                      self._backing_flags(flags), self._caller(ctx))
+        if name == fuse_extensions.TMPFILE_NAME and flags & os.O_TMPFILE == os.O_TMPFILE:
+            # A TMPFILE request (the extensions route it here): a file with no name, whose
+            # node only a LINK of it names. Counted as a create too.
+            self.requests["tmpfile"] += 1
+            entry, fd = self.union.tmpfile(parent.entry, mode, self._backing_flags(flags),
+                                           self._caller(ctx))
+        else:
+            entry, fd = self.union.create(parent.entry, os.fsdecode(name), mode,
+                                          self._backing_flags(flags), self._caller(ctx))
         handle_id = self._new_handle()
         self._file_handles[handle_id] = FileHandle(entry, fd, flags)
         reply = self._reply_entry(entry)

@@ -595,6 +595,41 @@ class Union:
             raise
         return entry, opened[0]
 
+    def tmpfile(self, parent: Entry, mode: int, flags: int, caller: Caller = ROOT
+                ) -> tuple[Entry, int]:
+        """An unnamed regular file for *parent* (open(2)'s O_TMPFILE), open with *flags*: `link`
+        may name it once, else it goes with its last holder.
+
+        Made by O_TMPFILE in the parent's upper copy (copied up first), as the kernel's overlay
+        does: the upper's filesystem keeps it out of every listing until it is linked, and a
+        crash leaves nothing behind. It is made linkable whatever the caller asked: O_EXCL
+        (never linkable) is the kernel's to enforce, and it refuses such a link before any
+        request is sent. In a removed directory the upper's filesystem answers, as under the
+        kernel (ext4 refuses with EPERM, tmpfs makes the file).
+        """
+        directory = self._directory(parent)
+        if not flags & _WRITE_ACCESS:
+            raise _error(errno.EINVAL)           # as open(2): O_TMPFILE needs write access
+        directory_fd = self._writer().upper_directory(directory)
+        gid, mode = self._new_owner(directory_fd, mode, caller)
+        open_flags = ((flags & ~(_DROPPED_OPEN_FLAGS | os.O_TRUNC | os.O_TMPFILE))
+                      | os.O_TMPFILE | os.O_CLOEXEC)
+        fd = os.open(".", open_flags, stat.S_IMODE(mode), dir_fd=directory_fd)
+        try:
+            os.fchown(fd, caller.uid, gid)
+            if mode & _SPECIAL_MODE_BITS:
+                os.fchmod(fd, stat.S_IMODE(mode))     # chown cleared setuid and setgid
+            entry = Entry(None, UPPER, os.fstat(fd))
+            entry.hold(os.open(_at.fd_path(fd), os.O_PATH | os.O_CLOEXEC))
+        except BaseException:
+            os.close(fd)
+            raise
+        entry.removed = entry.anonymous = True
+        # Where its first name will find it: `link` relooks the new name up.
+        self._files[self.inode_number(entry)] = entry
+        log.debug("tmpfile(%r) = %d", directory, entry.stat.st_ino)
+        return entry, fd
+
     def mkdir(self, parent: Entry, name: str, mode: int, caller: Caller = ROOT) -> Entry:
         whiteout.check_new_name(name)
         def make(directory_fd: int, staged_name: str) -> None:
@@ -627,7 +662,7 @@ class Union:
         directory = self._directory(new_parent)
         if self.lookup(directory, new_name) is not None:
             raise _error(errno.EEXIST, new_name)
-        if entry.removed:
+        if entry.removed and not entry.anonymous:
             raise _error(errno.ENOENT, new_name)   # as link(2) of a file with no names left
         self._copy_up_entry(entry, data=False)     # as the kernel: a metacopy may be linked
         self._writer().redirect_metacopy(entry)
@@ -637,6 +672,7 @@ class Union:
             _at.link_location(source_fd, source_name, directory_fd, staged_name)
 
         self._place(directory, new_name, make, is_directory=False)
+        entry.anonymous = False                    # linkable once, as the kernel's I_LINKABLE
         self._count_link(entry, +1)
         entry.stat = self.stat(entry)
         return self._relookup(directory, new_name)   # the same entry, with one name more

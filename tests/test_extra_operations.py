@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import kernel_overlay, mounted_cowfs
+from conftest import kernel_overlay, mounted_cowfs, paths_under
 
 from cowfs import _libc
 
@@ -413,3 +413,20 @@ def test_switched_off_the_operations_fail_as_under_plain_pyfuse3(tmp_path: Path)
         assert requests_during(cowfs, lambda: (cowfs / "file").read_text())["flush"] == 1
         assert flags_of(cowfs / "file") == "ENOTTY"
         assert not statistics(cowfs)["kernel_features"]["fallocate"]
+
+
+def test_tmpfile_fails_cleanly_without_libfuse_317(tmp_path: Path) -> None:
+    """libfuse 3.14 has no tmpfile operation: it answers ENOSYS, the kernel fails O_TMPFILE
+    with EOPNOTSUPP (for the rest of the mount), and nothing reaches cowfs or the upper.
+    (tests/test_tmpfile.py serves it on 3.17.)"""
+    lower, upper, merged = (tmp_path / name for name in ("lower", "upper", "merged"))
+    for path in (lower / "dir", upper, merged):
+        path.mkdir(parents=True)
+    with mounted_cowfs([lower], merged, upper):
+        if statistics(merged)["kernel_features"]["tmpfile"]:
+            pytest.skip("this libfuse has a tmpfile operation")
+        unnamed = functools.partial(os.open, merged / "dir", os.O_TMPFILE | os.O_RDWR, 0o600)
+        assert [outcome(unnamed), outcome(unnamed)] == [errno.errorcode[errno.EOPNOTSUPP]] * 2
+        assert os.listdir(merged / "dir") == []
+        assert "create" not in statistics(merged)["requests"]
+    assert paths_under(upper) == set()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cowfs import Directory, Union, open_stack
+from cowfs.union import Caller
 
 
 def union_of(*lowers: Path, fd_budget: int = 4096) -> Union:
@@ -237,3 +238,34 @@ def test_a_layer_root_is_never_opaque(layer_dirs) -> None:
     (bottom / "below").write_text("")
     with union_of(top, bottom) as union:
         assert names(union) == ["below"]
+
+
+def test_an_unnamed_file_is_one_entry_before_and_after_its_link(layer_dirs,
+                                                                tmp_path: Path) -> None:
+    """Union.tmpfile (O_TMPFILE): in the parent's upper copy, in no listing; its first link
+    names that same entry (what a FUSE node holds), a second name is an ordinary link, and one
+    never linked leaves nothing in the upper. (tests/test_tmpfile.py mounts it.)"""
+    lower, upper = layer_dirs("lower", "upper")
+    (lower / "dir").mkdir()
+    (lower / "dir" / "old").write_text("old\n")
+    stack = open_stack([str(lower)], str(upper), str(tmp_path / "work"))
+    with Union(stack) as union:
+        directory = union.resolve("dir")
+        assert directory is not None
+        entry, fd = union.tmpfile(directory, 0o640, os.O_RDWR, Caller(1000, 1000))
+        try:
+            os.write(fd, b"unnamed\n")
+            assert entry.removed and union.stat(entry).st_nlink == 0
+            assert (union.stat(entry).st_uid, union.stat(entry).st_gid) == (1000, 1000)
+            assert names(union, "dir") == ["old"] and os.listdir(upper / "dir") == []
+            assert union.link(entry, directory, "named") is entry
+            assert union.resolve("dir/named") is entry and not entry.removed
+            assert union.link(entry, union.root, "second") is entry
+            assert union.stat(entry).st_nlink == 2
+        finally:
+            os.close(fd)
+        forgotten, fd = union.tmpfile(union.root, 0o600, os.O_WRONLY)
+        os.close(fd)
+        del forgotten
+        assert (upper / "dir" / "named").read_bytes() == b"unnamed\n"
+        assert sorted(os.listdir(upper)) == ["dir", "second"]
