@@ -19,9 +19,10 @@ pytestmark = pytest.mark.mounts
 WARM_ATTEMPTS = 5
 # The requests pyfuse3 does not route, and no FLUSH, through the same library
 # (tests/test_extra_operations.py tests each); plain listings are asked for with
-# -o readdirplus=auto (tests/test_plain_listings.py).
+# -o readdirplus=auto (tests/test_plain_listings.py); killpriv_v2 needs libfuse 3.17
+# (tests/test_killpriv.py).
 ROUTED = {**dict.fromkeys(("fallocate", "lseek", "copy_file_range", "fileattr_ioctls",
-                           "noflush"), True), "plain_listings": False}
+                           "noflush"), True), "plain_listings": False, "killpriv_v2": False}
 
 
 def statistics(merged: Path) -> dict:
