@@ -65,6 +65,7 @@ enum counter {
     BACKING_FILES_OPENED,   /* backing ids made */
     TMPFILE_ROUTED,         /* 1 where the table's tmpfile entry was filled (libfuse >= 3.17) */
     TMPFILE_REQUESTS,       /* TMPFILE requests passed to pyfuse3's create handler */
+    KILL_REQUESTS,          /* write, setattr and open requests that asked to kill suid/sgid */
     COUNTERS
 };
 
@@ -133,6 +134,8 @@ static void fill_passthrough(struct fuse_lowlevel_ops *table);
 static void grant_passthrough(struct fuse_conn_info *conn);
 static const struct fuse_file_info *with_backing(fuse_req_t req,
                                                  const struct fuse_file_info *fi);
+static unsigned int killpriv_capability(struct fuse_conn_info *conn);
+static int passthrough_granted;     /* the session reads and writes backing files */
 
 static void wrapped_init(void *userdata, struct fuse_conn_info *conn)
 {
@@ -140,9 +143,13 @@ static void wrapped_init(void *userdata, struct fuse_conn_info *conn)
         pyfuse3_init(userdata, conn);
     /* After pyfuse3's own choices, so they cannot undo ours; libfuse >= 3.17 carries changes
      * made to the 32-bit `want` over into want_ext after this callback returns. */
-    unsigned int granted = wanted_capabilities & conn->capable;
-    conn->want |= granted;
     grant_passthrough(conn);
+    unsigned int granted = wanted_capabilities & conn->capable;
+    /* Not with passthrough: its writes never reach the daemon, which then could not kill
+     * suid/sgid, and the kernel, trusting it to, would not either. */
+    if (!passthrough_granted)
+        granted |= killpriv_capability(conn);
+    conn->want |= granted;
     pthread_mutex_lock(&lock);
     counters[INIT_CALLS]++;
     counters[PROTOCOL_MINOR] = conn->proto_minor;
@@ -660,7 +667,6 @@ struct open_handle {
 #define OPEN_BUCKETS 1024
 
 static int passthrough_wanted;
-static int passthrough_granted;
 static int passthrough_failed;      /* the first backing open failed: no more tries */
 static struct open_inode *open_inodes[OPEN_BUCKETS];
 static struct open_handle *open_handles[OPEN_BUCKETS];
@@ -876,6 +882,7 @@ EXPORTED int cowfs_extensions_passthrough_error(void)
 {
     return passthrough_failed;
 }
+
 /* -- O_TMPFILE: TMPFILE through pyfuse3's create handler --------------------------------
  *
  * libfuse 3.17 has a tmpfile entry at the end of the operations table (3.14 has none and
@@ -918,4 +925,162 @@ static void fill_tmpfile(struct fuse_lowlevel_ops *table)
 {
     (void)table;
 }
+#endif
+
+/* -- killing suid and sgid in the daemon: FUSE_HANDLE_KILLPRIV_V2 -------------------------
+ *
+ * Without it the FUSE kernel kills suid/sgid itself and, since FUSE clears SB_NOSEC, asks the
+ * daemon for security.capability before every write(2) (a third of an untar's requests).
+ * With it the kernel sets SB_NOSEC (it asks once per inode until its attributes change) and
+ * leaves the mode bits to the daemon, telling it per request that the caller lacks
+ * CAP_FSETID: FUSE_WRITE_KILL_SUIDGID in a WRITE's write_flags, FATTR_KILL_SUIDGID in a
+ * SETATTR's valid (a truncate without CAP_FSETID, and every chown of a non-directory),
+ * FUSE_OPEN_KILL_SUIDGID in an OPEN's open_flags (O_TRUNC without CAP_FSETID). libfuse (up
+ * to 3.18) passes none of these to the operations, so the raw request is read here, in
+ * fuse_session_process_buf, and each flagged one is told to one Python function, registered
+ * through ctypes, synchronously and before the request is dispatched: pyfuse3 runs the
+ * request's handler right after this call returns, before it reads another request, so the
+ * handler finds what it was told. (CREATE's flag is ignored: cowfs's create is exclusive, so
+ * nothing it opens existed before, and the VFS truncates no file it created.)
+ * security.capability is left to the kernel and to the upper layer's filesystem: the VFS
+ * asks for it on the first write of an inode and removes it itself, and the upper's
+ * filesystem removes it when the daemon writes, truncates or chowns.
+ *
+ * Granted only where the kernel offers it and a handler is registered. Then SPLICE_READ is
+ * taken out of `want` (libfuse asks for it because pyfuse3 has a write_buf handler): a
+ * spliced WRITE stays in a pipe, where it could not be read here and its kill would be lost.
+ * Splicing saves pyfuse3 nothing anyway, which copies the data into a Python bytes object.
+ * Built only against headers that know the capability (libfuse >= 3.17): on older ones
+ * nothing here is compiled but the setter, and the interposer does not exist. */
+
+/* opcode, node id, handle (0 where the request has none), the caller's uid, gid and pid */
+typedef void (*kill_handler_t)(uint32_t, uint64_t, uint64_t, uint32_t, uint32_t, uint32_t);
+
+static kill_handler_t kill_handler;
+
+/* The Python function told of each request that asks to kill suid/sgid (NULL: no
+ * FUSE_HANDLE_KILLPRIV_V2 asked for). Call before pyfuse3.init. */
+EXPORTED void cowfs_extensions_set_kill_handler(kill_handler_t handler)
+{
+    pthread_mutex_lock(&lock);
+    kill_handler = handler;
+    pthread_mutex_unlock(&lock);
+}
+
+#ifdef FUSE_CAP_HANDLE_KILLPRIV_V2
+
+/* The FUSE protocol's numbers for the few fields read here (linux/fuse.h, protocol 7.33):
+ * libfuse installs no header with them. Offsets are into the op's argument struct, which
+ * follows the 40-byte request header. */
+#define REQUEST_HEADER_SIZE 40
+#define HEADER_OPCODE_AT 4
+#define HEADER_NODEID_AT 16
+#define HEADER_UID_AT 24        /* then gid, pid */
+#define OPCODE_SETATTR 4
+#define OPCODE_OPEN 14
+#define OPCODE_WRITE 16
+#define SETATTR_VALID_AT 0      /* fuse_setattr_in.valid */
+#define SETATTR_FH_AT 8
+#define SETATTR_FH (1u << 3)            /* FATTR_FH */
+#define SETATTR_KILL_SUIDGID (1u << 11) /* FATTR_KILL_SUIDGID */
+#define WRITE_FH_AT 0           /* fuse_write_in.fh */
+#define WRITE_FLAGS_AT 20       /* fuse_write_in.write_flags */
+#define WRITE_KILL_SUIDGID (1u << 2)    /* FUSE_WRITE_KILL_SUIDGID */
+#define OPEN_FLAGS_AT 4         /* fuse_open_in.open_flags */
+#define OPEN_KILL_SUIDGID (1u << 0)     /* FUSE_OPEN_KILL_SUIDGID */
+
+/* Set at INIT when granted; read without the lock on every request after. */
+static int killing;
+
+static unsigned int killpriv_capability(struct fuse_conn_info *conn)
+{
+    pthread_mutex_lock(&lock);
+    killing = kill_handler && (conn->capable & FUSE_CAP_HANDLE_KILLPRIV_V2);
+    pthread_mutex_unlock(&lock);
+    if (!killing)
+        return 0;
+    conn->want &= ~FUSE_CAP_SPLICE_READ;
+    return FUSE_CAP_HANDLE_KILLPRIV_V2;
+}
+
+static uint32_t read_u32(const char *from)
+{
+    uint32_t value;
+    memcpy(&value, from, sizeof(value));
+    return value;
+}
+
+static uint64_t read_u64(const char *from)
+{
+    uint64_t value;
+    memcpy(&value, from, sizeof(value));
+    return value;
+}
+
+/* Tell the Python side of *request* if it asks to kill suid/sgid; one switch for the rest. */
+static void notice_kill_request(const char *request, size_t size)
+{
+    if (size < REQUEST_HEADER_SIZE)
+        return;
+    uint32_t opcode = read_u32(request + HEADER_OPCODE_AT);
+    const char *argument = request + REQUEST_HEADER_SIZE;
+    size_t argument_size = size - REQUEST_HEADER_SIZE;
+    uint64_t fh = 0;
+    switch (opcode) {
+    case OPCODE_WRITE:
+        if (argument_size < WRITE_FLAGS_AT + 4
+            || !(read_u32(argument + WRITE_FLAGS_AT) & WRITE_KILL_SUIDGID))
+            return;
+        fh = read_u64(argument + WRITE_FH_AT);
+        break;
+    case OPCODE_SETATTR:
+        if (argument_size < SETATTR_FH_AT + 8)
+            return;
+        uint32_t valid = read_u32(argument + SETATTR_VALID_AT);
+        if (!(valid & SETATTR_KILL_SUIDGID))
+            return;
+        if (valid & SETATTR_FH)
+            fh = read_u64(argument + SETATTR_FH_AT);
+        break;
+    case OPCODE_OPEN:
+        if (argument_size < OPEN_FLAGS_AT + 4
+            || !(read_u32(argument + OPEN_FLAGS_AT) & OPEN_KILL_SUIDGID))
+            return;
+        break;
+    default:
+        return;
+    }
+    pthread_mutex_lock(&lock);
+    counters[KILL_REQUESTS]++;
+    kill_handler_t handler = kill_handler;
+    pthread_mutex_unlock(&lock);
+    if (handler)
+        handler(opcode, read_u64(request + HEADER_NODEID_AT), fh,
+                read_u32(request + HEADER_UID_AT), read_u32(request + HEADER_UID_AT + 4),
+                read_u32(request + HEADER_UID_AT + 8));
+}
+
+typedef void (*process_buf_t)(struct fuse_session *, const struct fuse_buf *);
+
+EXPORTED void cowfs_session_process_buf(struct fuse_session *session,
+                                        const struct fuse_buf *buffer)
+    __asm__("fuse_session_process_buf");
+void cowfs_session_process_buf(struct fuse_session *session, const struct fuse_buf *buffer)
+{
+    static process_buf_t real;
+    if (!real)
+        real = (process_buf_t)next_symbol("fuse_session_process_buf");
+    if (killing && !(buffer->flags & FUSE_BUF_IS_FD))
+        notice_kill_request(buffer->mem, buffer->size);
+    real(session, buffer);
+}
+
+#else
+
+static unsigned int killpriv_capability(struct fuse_conn_info *conn)
+{
+    (void)conn;
+    return 0;
+}
+
 #endif

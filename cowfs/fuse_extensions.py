@@ -28,6 +28,9 @@ EXTENSIONS_ABI = 4
 CAP_CACHE_SYMLINKS = 1 << 23
 # libfuse's FUSE_CAP_READDIRPLUS_AUTO: plain READDIR where no entry's attributes are wanted.
 CAP_READDIRPLUS_AUTO = 1 << 14
+# libfuse >= 3.17's FUSE_CAP_HANDLE_KILLPRIV_V2: the daemon kills suid/sgid, and the kernel
+# stops asking security.capability before every write.
+CAP_HANDLE_KILLPRIV_V2 = 1 << 21
 # FOPEN_CACHE_DIR came with FUSE protocol 7.28 (Linux 4.20); older kernels ignore the flag.
 CACHE_DIR_PROTOCOL_MINOR = 28
 # FUSE_TMPFILE came with protocol 7.37 (Linux 6.1): older kernels serve no O_TMPFILE on FUSE.
@@ -40,7 +43,7 @@ TMPFILE_NAME = b"/"
 SESSIONS_WRAPPED, INIT_CALLS, PROTOCOL_MINOR, CAPABLE, GRANTED, OPENDIRS_SEEN, \
     CACHED_LISTING_REPLIES, NOFLUSH_REPLIES, EXTRA_REQUESTS, PLAIN_READDIRS, \
     PASSTHROUGH_GRANTED, PASSTHROUGH_OPENS, CONFLICTING_OPENS, BACKING_FILES_OPENED, \
-    TMPFILE_ROUTED, TMPFILE_REQUESTS = range(16)
+    TMPFILE_ROUTED, TMPFILE_REQUESTS, KILL_REQUESTS = range(17)
 
 # The extra operations' codes in _fuse_extensions.c (enum extra_operation).
 EXTRA_FALLOCATE, EXTRA_LSEEK, EXTRA_COPY_FILE_RANGE, EXTRA_IOCTL = 1, 2, 3, 4
@@ -67,6 +70,9 @@ class KernelFeatures:
     passthrough: bool = False
     # open(dir, O_TMPFILE): unnamed files, which linkat may name (libfuse >= 3.17's tmpfile).
     tmpfile: bool = False
+    # cowfs kills suid/sgid, told by the kernel per request (FUSE_HANDLE_KILLPRIV_V2, libfuse
+    # >= 3.17): no security.capability request before every write.
+    killpriv_v2: bool = False
 
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -89,8 +95,10 @@ class _Library:
         self.plain_listing = library.cowfs_extensions_plain_listing
         library.cowfs_extensions_set_handler.argtypes = [
             ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint), ctypes.c_uint, ctypes.c_int]
-        # The C function pointer must live as long as the library may call it.
+        library.cowfs_extensions_set_kill_handler.argtypes = [ctypes.c_void_p]
+        # The C function pointers must live as long as the library may call them.
         self.handler: Any = None
+        self.kill_handler: Any = None
         self.noflush = False
         self.plain_listings = False     # READDIRPLUS_AUTO asked for
         self.passthrough = False        # asked for, from a library that can
@@ -110,6 +118,15 @@ class _Library:
         ioctls = (ctypes.c_uint * len(operations.IOCTL_COMMANDS))(*operations.IOCTL_COMMANDS)
         self.library.cowfs_extensions_set_handler(
             ctypes.cast(self.handler, ctypes.c_void_p), ioctls, len(ioctls), int(noflush))
+
+
+    def route_kills(self, operations: "KillOperations") -> None:
+        import ctypes
+        u32, u64 = ctypes.c_uint32, ctypes.c_uint64
+        self.kill_handler = ctypes.CFUNCTYPE(None, u32, u64, u64, u32, u32, u32)(
+            functools.partial(_tell_kill_request, operations))
+        self.library.cowfs_extensions_set_kill_handler(
+            ctypes.cast(self.kill_handler, ctypes.c_void_p))
 
 
 @functools.cache
@@ -245,6 +262,7 @@ def features() -> KernelFeatures:
     listings = _library.counter(PROTOCOL_MINOR) >= CACHE_DIR_PROTOCOL_MINOR
     symlinks = bool(_library.counter(GRANTED) & CAP_CACHE_SYMLINKS)
     plain = bool(_library.counter(GRANTED) & CAP_READDIRPLUS_AUTO)
+    killpriv = bool(_library.counter(GRANTED) & CAP_HANDLE_KILLPRIV_V2)
     missing = [name for name, active in (("cached listings", listings),
                                          ("cached symlinks", symlinks)) if not active]
     routed = _library.handler is not None
@@ -255,7 +273,7 @@ def features() -> KernelFeatures:
                           fileattr_ioctls=routed, noflush=_library.noflush,
                           plain_listings=plain,
                           passthrough=bool(_library.counter(PASSTHROUGH_GRANTED)),
-                          tmpfile=_serves_tmpfile(_library))
+                          tmpfile=_serves_tmpfile(_library), killpriv_v2=killpriv)
 
 
 def _serves_tmpfile(library: _Library) -> bool:
@@ -278,7 +296,8 @@ def counters() -> dict[str, int]:
             "conflicting_opens": _library.counter(CONFLICTING_OPENS),
             "backing_files_opened": _library.counter(BACKING_FILES_OPENED),
             "backing_file_error": _library.library.cowfs_extensions_passthrough_error(),
-            "tmpfile_requests": _library.counter(TMPFILE_REQUESTS)}
+            "tmpfile_requests": _library.counter(TMPFILE_REQUESTS),
+            "kill_requests": _library.counter(KILL_REQUESTS)}
 
 
 def is_plain_listing(fh: int) -> bool:
@@ -325,3 +344,37 @@ def route_extra_operations(operations: ExtraOperations, *, noflush: bool = True)
     Without the library nothing happens and those requests fail as under plain pyfuse3."""
     if _library is not None:
         _library.route(operations, noflush)
+
+
+# -- killing suid and sgid: FUSE_HANDLE_KILLPRIV_V2 ----------------------------------------
+
+# The opcodes of the requests that may ask for it (the FUSE protocol's).
+KILL_ON_SETATTR, KILL_ON_OPEN, KILL_ON_WRITE = 4, 14, 16
+
+
+class KillOperations(Protocol):
+    """What is told of each request that asks to kill suid/sgid, before its handler runs.
+    Called synchronously on pyfuse3's trio thread, inside libfuse's processing of the
+    request: nothing may block or await; exceptions are logged and dropped."""
+
+    def note_kill_request(self, opcode: int, node_id: int, fh: int, uid: int, gid: int,
+                          pid: int) -> None: ...
+
+
+def _tell_kill_request(operations: KillOperations, opcode: int, node_id: int, fh: int,
+                       uid: int, gid: int, pid: int) -> None:
+    """The library's callback. Nothing may escape a ctypes callback (it would be printed and
+    the request served without its kill)."""
+    try:
+        operations.note_kill_request(opcode, node_id, fh, uid, gid, pid)
+    except BaseException:
+        log.exception("kill request %d for node %d failed", opcode, node_id)
+
+
+def route_kill_requests(operations: KillOperations) -> None:
+    """Ask for FUSE_HANDLE_KILLPRIV_V2 and have the library tell *operations* of the requests
+    that ask to kill suid/sgid; call before pyfuse3.init. Granted only where the library was
+    built against libfuse >= 3.17 and the kernel offers it (`features().killpriv_v2`);
+    elsewhere the kernel kills them itself and nothing is told."""
+    if _library is not None:
+        _library.route_kills(operations)

@@ -17,12 +17,12 @@ import os
 import signal
 import stat
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
-from cowfs import _libc, fuse_extensions
+from cowfs import _libc, fuse_extensions, privileges
 from cowfs.durability import BATCH, BATCH_DELAY_S, VOLATILE, Durability
 from cowfs.idmap import IDENTITY, IdMap
 from cowfs.inodes import InodeTable, Node, NodeId
@@ -135,6 +135,17 @@ class FileHandle:
         return entry.layer, entry.metacopy
 
 
+class KillRequest(NamedTuple):
+    """The kernel's word that a request kill suid/sgid (FUSE_HANDLE_KILLPRIV_V2): what it is
+    on, and who asks."""
+
+    opcode: int     # fuse_extensions.KILL_ON_WRITE, _SETATTR or _OPEN
+    node_id: int
+    fh: int         # a write's handle (0 for the others)
+    gid: int
+    pid: int
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -157,6 +168,10 @@ class Operations(pyfuse3.Operations):
         self.requests: collections.Counter[str] = collections.Counter()
         # Entries whose copy-up is under way, and the event set when it is done.
         self._copying: dict[Entry, trio.Event] = {}
+        # What the request being dispatched asks to kill (note_kill_request), until its
+        # handler takes it; and how many files had suid or sgid removed so.
+        self._kill_request: KillRequest | None = None
+        self.privileges_killed = 0
 
     def _caller(self, ctx: pyfuse3.RequestContext) -> Caller:
         """Who asks, in the layers' ids: what it creates is owned so on disk."""
@@ -240,7 +255,52 @@ class Operations(pyfuse3.Operations):
         """What the root's STATS_XATTR shows."""
         return {**self.union.statistics(), "requests": dict(self.requests),
                 "kernel_features": fuse_extensions.features().as_dict(),
-                **fuse_extensions.counters()}
+                **fuse_extensions.counters(), "privileges_killed": self.privileges_killed}
+
+    # -- killing suid and sgid (FUSE_HANDLE_KILLPRIV_V2, docs/ARCHITECTURE.md) ---------------
+
+    def note_kill_request(self, opcode: int, node_id: int, fh: int, uid: int, gid: int,
+                          pid: int) -> None:
+        """The request being dispatched asks to kill suid/sgid. pyfuse3 runs its handler
+        right after (before it reads another request), and the handler takes this before
+        it first awaits."""
+        self._kill_request = KillRequest(opcode, node_id, fh, gid, pid)
+
+    def _take_kill_request(self, opcode: int, key: int) -> KillRequest | None:
+        """The kill the request now handled asks for (*key*: a write's handle, else the node)."""
+        request, self._kill_request = self._kill_request, None
+        if request is None:
+            return None
+        if request.opcode != opcode or \
+                (request.fh if opcode == fuse_extensions.KILL_ON_WRITE else request.node_id) != key:
+            log.error("kill request %r reached another request's handler (%d, %d)", request,
+                      opcode, key)
+            return None
+        return request
+
+    def _bits_to_kill(self, st: os.stat_result, request: KillRequest, *, chown: bool) -> int:
+        return privileges.bits_to_kill(st.st_mode, self.gids.to_view(st.st_gid), request.gid,
+                                       request.pid, chown=chown)
+
+    def _kill_privileges(self, fd: int, request: KillRequest) -> None:
+        """Remove from the upper file open as *fd* the bits the caller's change removes. The
+        kernel's cached mode is dropped: no reply to a write or open carries the new one."""
+        st = os.fstat(fd)
+        kill = self._bits_to_kill(st, request, chown=False)
+        if kill:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~kill)
+            self.privileges_killed += 1
+            self._invalidate_attributes(request.node_id)
+
+    def _mode_after_kill(self, node: Node, request: KillRequest, *, chown: bool) -> int | None:
+        """For a setattr (truncate, chown): the copied-up file's mode less what the caller's
+        change removes, or None if nothing is to go."""
+        st = self._node_stat(node)
+        kill = self._bits_to_kill(st, request, chown=chown)
+        if not kill:
+            return None
+        self.privileges_killed += 1
+        return st.st_mode & ~kill
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -276,6 +336,8 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: pyfuse3.InodeT, flags: int,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         entry = self.nodes.get(inode).entry
+        kill = self._take_kill_request(fuse_extensions.KILL_ON_OPEN, inode) \
+            if self._kill_request is not None else None
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             # Filling a metacopy with its data stamps mtime, which no reply tells the kernel.
             stamps = entry.metacopy and not flags & os.O_TRUNC
@@ -291,6 +353,8 @@ class Operations(pyfuse3.Operations):
             # Append-only (chattr +a): its fd must append, where the writeback cache would
             # rewrite the last page in place, so this handle writes through, at the end.
             fd, direct = self.union.open(entry, flags), True
+        if kill is not None:
+            self._kill_privileges(fd, kill)
         handle_id = self._new_handle()
         self._file_handles[handle_id] = FileHandle(entry, fd, flags)
         self._offer_backing(handle_id, inode, entry, fd)
@@ -472,7 +536,12 @@ class Operations(pyfuse3.Operations):
 
     @replies_errno
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
-        return os.pwrite(self._file_handles[fh].fd, buf, off)
+        fd = self._file_handles[fh].fd
+        if self._kill_request is not None:
+            kill = self._take_kill_request(fuse_extensions.KILL_ON_WRITE, fh)
+            if kill is not None:
+                self._kill_privileges(fd, kill)     # before the data, as the VFS does
+        return os.pwrite(fd, buf, off)
 
     @replies_errno
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
@@ -518,6 +587,8 @@ class Operations(pyfuse3.Operations):
                       fields: pyfuse3.SetattrFields, fh: pyfuse3.FileHandleT | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.nodes.get(inode)
+        kill = self._take_kill_request(fuse_extensions.KILL_ON_SETATTR, inode) \
+            if self._kill_request is not None else None
         if self._hands_back_times(fields):
             current = self._node_stat(node)
             if attr.st_mtime_ns == current.st_mtime_ns:
@@ -525,9 +596,12 @@ class Operations(pyfuse3.Operations):
                 return self.attributes(node.id, node.entry, current)
         await self._copy_up(node.entry, data=fields.update_size and attr.st_size > 0)
         handle = self._file_handles.get(fh) if fh is not None else None
+        mode = attr.st_mode if fields.update_mode else None
+        if kill is not None and mode is None:
+            mode = self._mode_after_kill(node, kill, chown=fields.update_uid or fields.update_gid)
         st = self.union.setattr(
             node.entry,
-            mode=attr.st_mode if fields.update_mode else None,
+            mode=mode,
             uid=self.uids.to_disk(attr.st_uid) if fields.update_uid else None,
             gid=self.gids.to_disk(attr.st_gid) if fields.update_gid else None,
             size=attr.st_size if fields.update_size else None,
@@ -780,6 +854,7 @@ def raise_read_ahead(mountpoint: str) -> None:
 def mount(operations: Operations, mountpoint: str, options: set[str]) -> None:
     """Make the mount (the kernel queues requests until `serve` runs)."""
     fuse_extensions.route_extra_operations(operations)
+    fuse_extensions.route_kill_requests(operations)
     pyfuse3.init(operations, mountpoint, options)
     fuse_extensions.check_session()
     raise_read_ahead(mountpoint)

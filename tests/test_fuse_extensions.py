@@ -19,11 +19,11 @@ pytestmark = pytest.mark.mounts
 WARM_ATTEMPTS = 5
 # The requests pyfuse3 does not route, and no FLUSH, through the same library
 # (tests/test_extra_operations.py tests each); plain listings are asked for with
-# -o readdirplus=auto (tests/test_plain_listings.py); O_TMPFILE needs libfuse 3.17
-# (tests/test_tmpfile.py).
+# -o readdirplus=auto (tests/test_plain_listings.py); O_TMPFILE and killpriv_v2 need
+# libfuse 3.17 (tests/test_tmpfile.py, tests/test_killpriv.py).
 ROUTED = {**dict.fromkeys(("fallocate", "lseek", "copy_file_range", "fileattr_ioctls",
                            "noflush"), True), "plain_listings": False, "tmpfile": False,
-          "passthrough": False}
+          "passthrough": False, "killpriv_v2": False}
 
 
 def statistics(merged: Path) -> dict:

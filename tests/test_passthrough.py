@@ -41,6 +41,8 @@ def passthrough_mount(package: Path, lower: Path, upper: Path, merged: Path) -> 
                        launcher=launcher(package)) as mount:
         features = statistics(merged)["kernel_features"]
         assert features["passthrough"], (features, mount.log())
+        # Passthrough writes never reach the daemon, which then could not kill suid/sgid.
+        assert not features["killpriv_v2"], features
         yield merged
         mount.unmount()
 
