@@ -12,6 +12,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import test_write_oracle as oracle
 from conftest import kernel_overlay, mounted_cowfs
 from hypothesis import given, settings
@@ -155,24 +156,26 @@ def test_setuid_is_cleared_as_by_the_kernels_overlay(package_317: Path,
 
 
 @contextlib.contextmanager
-def written_with_passthrough(package: Path, lowers: list[Path], upper: Path, workdir: Path,
-                             merged: Path, passed_through: list[int]) -> Iterator[Path]:
+def written_on_317(package: Path, option: str, lowers: list[Path], upper: Path, workdir: Path,
+                   merged: Path, seen: list[dict]) -> Iterator[Path]:
     with mounted_cowfs(lowers, merged, upper,
-                       extra=("--workdir", str(workdir), "-o", "passthrough=on"),
+                       extra=("--workdir", str(workdir), "-o", option),
                        launcher=launcher(package)) as mount:
         yield merged
-        passed_through.append(statistics(merged)["passthrough_opens"])
+        seen.append(statistics(merged))
         mount.unmount()
 
 
-def test_writes_with_passthrough_match_overlayfs(package_317: Path) -> None:
-    """The write oracle's sequences (cowfs's default format), written through passthrough and
-    read back by the kernel and by cowfs."""
-    passed_through: list[int] = []
+@pytest.mark.parametrize("option", ["passthrough=on", "passthrough=off"])
+def test_writes_on_libfuse_317_match_overlayfs(package_317: Path, option: str) -> None:
+    """The write oracle's sequences (cowfs's default format) written on libfuse 3.17, with
+    passthrough, and without it (then with killpriv_v2 and O_TMPFILE's table), read back by
+    the kernel and by cowfs."""
+    seen: list[dict] = []
     subject = dataclasses.replace(
-        oracle.COWFS, name="cowfs passthrough",
-        mount=lambda combination, lowers, upper, workdir, merged: written_with_passthrough(
-            package_317, lowers, upper, workdir, merged, passed_through))
+        oracle.COWFS, name=f"cowfs on libfuse 3.17, {option}",
+        mount=lambda combination, lowers, upper, workdir, merged: written_on_317(
+            package_317, option, lowers, upper, workdir, merged, seen))
 
     @settings(max_examples=SEQUENCES, deadline=None, suppress_health_check=oracle.SLOW_EXAMPLES)
     @given(stack=write_stacks(), data=st.data())
@@ -181,4 +184,7 @@ def test_writes_with_passthrough_match_overlayfs(package_317: Path) -> None:
 
     check()
     assert oracle.compared[(subject.name, str(oracle.ALL_ON))] >= SEQUENCES
-    assert sum(passed_through) >= SEQUENCES, passed_through     # opens did pass through
+    if option == "passthrough=on":
+        assert sum(stats["passthrough_opens"] for stats in seen) >= SEQUENCES    # it did
+    else:
+        assert all(stats["kernel_features"]["killpriv_v2"] for stats in seen), seen[:1]
