@@ -594,6 +594,12 @@ class Operations(pyfuse3.Operations):
             if attr.st_mtime_ns == current.st_mtime_ns:
                 # The times the kernel kept: nothing changes, so nothing is copied up.
                 return self.attributes(node.id, node.entry, current)
+        if kill is None and self._keeps_size(fields):
+            current = self._node_stat(node)
+            if attr.st_size == current.st_size and stat.S_ISREG(current.st_mode):
+                # The kernel keeps the file as it was: so does cowfs (no copy-up, no stamp
+                # that only a later mount would show).
+                return self.attributes(node.id, node.entry, current)
         await self._copy_up(node.entry, data=fields.update_size and attr.st_size > 0)
         handle = self._file_handles.get(fh) if fh is not None else None
         mode = attr.st_mode if fields.update_mode else None
@@ -619,6 +625,15 @@ class Operations(pyfuse3.Operations):
         return (self.enable_writeback_cache and fields.update_mtime
                 and not (fields.update_mode or fields.update_uid or fields.update_gid
                          or fields.update_size or fields.update_atime))
+
+    def _keeps_size(self, fields: pyfuse3.SetattrFields) -> bool:
+        """Whether a setattr may be truncate(2) by path to the size the file has, under the
+        writeback cache: the kernel stamps mtime and ctime itself, and only when the size
+        changes (fs/fuse/dir.c, fuse_do_setattr), and never takes the daemon's, so a file
+        system that stamped them would show them only after the inode left the cache."""
+        return (self.enable_writeback_cache and fields.update_size
+                and not (fields.update_mode or fields.update_uid or fields.update_gid
+                         or fields.update_mtime or fields.update_atime))
 
     @replies_errno
     async def mknod(self, parent_inode: pyfuse3.InodeT, name: bytes, mode: int, rdev: int,

@@ -99,6 +99,11 @@ class Combination:
     def __str__(self) -> str:
         return self.options
 
+    @property
+    def writeback(self) -> bool:
+        """cowfs runs with the kernel's writeback cache."""
+        return any("writeback=1" in argument.split(",") for argument in self.cowfs_arguments)
+
 
 # cowfs's defaults. index=on: two names of one lower inode stay one inode after either is
 # copied up (cowfs's node is the inode). The index lives in the workdir, so the upper alone
@@ -282,7 +287,8 @@ def compare_sequence(base: Path, stack: WriteStack, next_step: NextStep, *,
                 for number, operation in enumerate(step):
                     label = f"{taken}" if len(step) == 1 else f"{taken}.{number}"
                     oracle_handles.note_upper_copies(oracle_root, oracle_side.upper)
-                    answer = cowfs_answer(operation, oracle_root, oracle_handles)
+                    answer = cowfs_answer(operation, oracle_root, oracle_handles,
+                                          writeback=combination.writeback)
                     if answer is not None and subject.answers_as_cowfs:
                         expected = answer
                         shown = f"{show(expected[1])} (cowfs's answer: the oracle does not do it)"

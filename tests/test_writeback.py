@@ -193,3 +193,30 @@ def test_an_append_only_file_appends_with_the_cache_on(tmp_path: Path) -> None:
         assert seen(roots["cowfs"] / "log") == seen(roots["kernel"] / "log")
         for root in roots.values():
             chattr("-a", root / "log")
+
+
+def test_a_truncate_to_the_size_a_file_has_changes_nothing(tmp_path: Path) -> None:
+    """truncate(2) by path that keeps the size: the FUSE kernel keeps the file's mtime (it
+    stamps one only when the size changes) and never takes the daemon's, so cowfs changes
+    nothing either: the view holds still, the upper gets no copy, a later mount shows the
+    same. The kernel's overlay stamps mtime here (a deliberate difference, ARCHITECTURE.md)."""
+    pair = Pair(tmp_path)
+    make_lower(pair.lower)
+    old = 1_500_000_000_123_456_789
+    os.utime(pair.lower / "data", ns=(old, old))
+    size = os.stat(pair.lower / "data").st_size
+    with pair.mounted(*WRITEBACK) as roots:
+        merged = roots["cowfs"]
+        os.truncate(merged / "data", size)
+        assert os.stat(merged / "data").st_mtime_ns == old
+        assert not (pair.upper("cowfs") / "data").exists()
+        os.truncate(merged / "data", size - 1)     # a change of size is stamped and copied up
+        assert os.stat(merged / "data").st_mtime_ns != old
+        assert os.stat(pair.upper("cowfs") / "data").st_size == size - 1
+        fd = os.open(merged / "data", os.O_RDWR)   # ftruncate stamps, even to the same size
+        try:
+            os.utime(fd, ns=(old, old))
+            os.ftruncate(fd, size - 1)
+            assert os.fstat(fd).st_mtime_ns != old
+        finally:
+            os.close(fd)

@@ -761,10 +761,11 @@ class Operation:
 FD_CHANGES = {"fd_chmod", "fd_chown", "fd_utime", "fd_setxattr"}
 
 
-def cowfs_answer(operation: Operation, root: Path, handles: Handles
-                 ) -> tuple[str, object] | None:
+def cowfs_answer(operation: Operation, root: Path, handles: Handles, *,
+                 writeback: bool = False) -> tuple[str, object] | None:
     """What cowfs must answer where it deliberately differs from the kernel, which the
-    oracle then does not do; None for every other call.
+    oracle then does not do; None for every other call. *writeback*: cowfs runs with the
+    kernel's writeback cache.
 
     - A name that would be a marker (.wh.*): see marker_refusal.
     - A change through a held directory that was removed with no upper copy: cowfs answers
@@ -775,7 +776,12 @@ def cowfs_answer(operation: Operation, root: Path, handles: Handles
       of one it has (EEXIST): the FUSE kernel answers it from a getxattr and never sends
       the setxattr, so cowfs copies nothing up; the kernel's overlay copies the file up
       first (a metacopy, whose later data copy-up stamps mtime).
+    - Under the writeback cache, truncate(2) by path of a file to the size it has: the FUSE
+      kernel keeps the file's times (it stamps them only when the size changes), so cowfs
+      changes nothing; the kernel's overlay copies the file up and its upper stamps mtime.
     """
+    if writeback and operation.name == "truncate" and _keeps_size(operation, root):
+        return "ok", None
     if operation.makes_marker():
         return marker_refusal(operation, root, handles)
     if operation.name == "setxattr" and operation.arguments[3]:
@@ -785,6 +791,15 @@ def cowfs_answer(operation: Operation, root: Path, handles: Handles
         if isinstance(slot, int) and _removed_lower_directory(handles, slot):
             return "error", "ENOENT"
     return None
+
+
+def _keeps_size(operation: Operation, root: Path) -> bool:
+    path, size = operation.arguments
+    try:
+        st_ = os.stat(os.path.join(root, str(path)))
+    except OSError:
+        return False
+    return stat.S_ISREG(st_.st_mode) and st_.st_size == size
 
 
 def _xattr_flag_refusal(operation: Operation, root: Path) -> tuple[str, object] | None:
