@@ -210,11 +210,14 @@ def _why_not_loadable() -> str | None:
 def load(*, enabled: bool = True, plain_listings: bool = False, passthrough: bool = False
          ) -> None:
     """Load the library into the process so pyfuse3 binds to it; call before importing pyfuse3.
-    *plain_listings* asks for READDIRPLUS_AUTO, *passthrough* for FUSE passthrough.
+    *plain_listings* asks for READDIRPLUS_AUTO, *passthrough* for FUSE passthrough. A process
+    that loaded it before (a warm start forks its daemons from one) only configures it again:
+    a library once loaded cannot be turned off.
 
     Says once why the mount runs without the extensions, if it does."""
     global _library, _reason
     if _library is not None:
+        _configure(_library, plain_listings, passthrough)
         return
     _reason = "turned off (-o kernel_caches=off)" if not enabled else _why_not_loadable()
     if _reason is None:
@@ -229,20 +232,23 @@ def load(*, enabled: bool = True, plain_listings: bool = False, passthrough: boo
             _reason = f"cannot load them: {exc}"
         else:
             _library = _Library(library)
-            _library.plain_listings = plain_listings
-            library.cowfs_extensions_configure(
-                1, CAP_CACHE_SYMLINKS | (CAP_READDIRPLUS_AUTO if plain_listings else 0))
-            if passthrough:
-                _library.passthrough = bool(library.cowfs_extensions_configure_passthrough(1))
-                if not _library.passthrough:
-                    log.warning("no passthrough: the extensions were built against "
-                                "libfuse < 3.17")
+            _configure(_library, plain_listings, passthrough)
     if _reason is None:
         log.debug("kernel-cache extensions loaded")
     elif enabled:
         log.warning("running without the kernel-cache extensions: %s", _reason)
     else:
         log.info("running without the kernel-cache extensions: %s", _reason)
+
+
+def _configure(library: _Library, plain_listings: bool, passthrough: bool) -> None:
+    library.plain_listings = plain_listings
+    library.library.cowfs_extensions_configure(
+        1, CAP_CACHE_SYMLINKS | (CAP_READDIRPLUS_AUTO if plain_listings else 0))
+    can = bool(library.library.cowfs_extensions_configure_passthrough(int(passthrough)))
+    library.passthrough = passthrough and can
+    if passthrough and not library.passthrough:
+        log.warning("no passthrough: the extensions were built against libfuse < 3.17")
 
 
 def check_session() -> None:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cowfs_zygote import ForkedDaemon, Zygote
 
 from cowfs.layers import read_mountinfo
 
@@ -82,7 +83,7 @@ def unmount_quietly(path: str | os.PathLike[str]) -> None:
         subprocess.run(command, capture_output=True, check=False)
 
 
-def reap(process: subprocess.Popen) -> None:
+def reap(process: subprocess.Popen | ForkedDaemon) -> None:
     """Wait for a daemon to end; SIGTERM, then SIGKILL, if it does not."""
     for sig in (None, signal.SIGTERM, signal.SIGKILL):
         if sig is not None:
@@ -95,10 +96,35 @@ def reap(process: subprocess.Popen) -> None:
             continue
 
 
+_zygote: Zygote | None = None
+
+
+def zygote() -> Zygote:
+    """The session's warm start for `cowfs mount -f` (tests/cowfs_zygote.py), started at its
+    first use."""
+    global _zygote
+    if _zygote is None:
+        _zygote = Zygote(tempfile.mkdtemp(prefix="cowfs-zygote-"))
+    return _zygote
+
+
+def forkable(extra: tuple[str, ...]) -> bool:
+    """Whether a mount with *extra* can be forked from the zygote: not one that must run
+    without the kernel-cache library, which the zygote has loaded."""
+    return not any("kernel_caches=off" in argument for argument in extra)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _zygote is not None:
+        _zygote.stop()
+        shutil.rmtree(os.path.dirname(_zygote.socket_path), ignore_errors=True)
+
+
 class CowfsMount:
     """A running `cowfs mount -f` and its mount point."""
 
-    def __init__(self, process: subprocess.Popen, path: Path, log_path: Path) -> None:
+    def __init__(self, process: subprocess.Popen | ForkedDaemon, path: Path,
+                 log_path: Path) -> None:
         self.process = process
         self.path = path
         self.log_path = log_path
@@ -126,9 +152,13 @@ def mounted_cowfs(lowers: list[Path], merged: Path, upper: Path | None = None,
     arguments = ["mount", "-f", *extra, lowerdir, *([str(upper)] if upper else []), str(merged)]
     log_path = merged.parent / f".{merged.name}.cowfs.log"
     with open(log_path, "wb") as log_file:
-        command = [*launcher, *arguments] if launcher else cowfs_command(*arguments)
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file,
-                                   stderr=subprocess.STDOUT)
+        process: subprocess.Popen | ForkedDaemon
+        if launcher is None and forkable(extra):
+            process = zygote().start(arguments, str(log_path))
+        else:
+            command = [*launcher, *arguments] if launcher else cowfs_command(*arguments)
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file,
+                                       stderr=subprocess.STDOUT)
     mount = CowfsMount(process, merged, log_path)
     try:
         def ready() -> bool:

@@ -30,15 +30,20 @@ def run_cowfs(*arguments: str, cwd: Path | None = None) -> subprocess.CompletedP
 
 def daemons_serving(path: Path) -> list[int]:
     """Pids of the daemons serving *path*: in the background they name themselves
-    `cowfs daemon MERGED`; in the foreground they keep their command line."""
+    `cowfs daemon MERGED`; in the foreground they keep their command line (one forked by the
+    tests' zygote shows it as its title, the words in one string)."""
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            arguments = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
         except OSError:
             continue
-        if arguments[0] == f"cowfs daemon {path}".encode() or (
-                b"cowfs" in arguments and str(path).encode() in arguments):
+        if arguments[0] == f"cowfs daemon {path}".encode():
+            pids.append(int(pid))
+            continue
+        if len(arguments) == 1:
+            arguments = arguments[0].split(b" ")
+        if b"cowfs" in arguments and str(path).encode() in arguments:
             pids.append(int(pid))
     return pids
 

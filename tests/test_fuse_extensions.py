@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import mounted_cowfs
+from conftest import cowfs_command, mounted_cowfs
 
 import cowfs
 from cowfs import fuse_extensions, options
@@ -57,9 +57,15 @@ def tree(layer_dirs) -> tuple[Path, Path, Path]:
     return lower, upper, merged
 
 
-def test_a_warm_listing_and_symlink_are_served_by_the_kernel(tree) -> None:
+# The tests' mounts fork from a process that loaded the library once (tests/cowfs_zygote.py);
+# a mount of its own must get them as well.
+STARTS = {"forked": None, "fresh process": cowfs_command()}
+
+
+@pytest.mark.parametrize("start", STARTS)
+def test_a_warm_listing_and_symlink_are_served_by_the_kernel(tree, start: str) -> None:
     lower, upper, merged = tree
-    with mounted_cowfs([lower], merged, upper):
+    with mounted_cowfs([lower], merged, upper, launcher=STARTS[start]):
         names = os.listdir(merged / "many")
         warm = warm_requests(merged, lambda: os.listdir(merged / "many"))
         assert "readdir" not in warm, warm
