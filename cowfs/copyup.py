@@ -225,13 +225,23 @@ class CopyUp:
         every name finds the data after a remount, under either implementation."""
         if not entry.metacopy or entry.data is None:
             return
+        self.find_data_by_path(entry)
+        _, place = entry.data
+        assert isinstance(place, tuple)
+        directory_fd, name = entry.location(self.fds)
+        self.marks.set_redirect(directory_fd, name, "/" + "/".join(place))
+
+    def find_data_by_path(self, entry: Entry) -> None:
+        """Have a metadata-only copy find its data by path from the layer root, not through a
+        directory of the merged view: that directory may be removed once the name in it goes
+        (the lower copy it held stays where it is: lower layers never change)."""
+        if not entry.metacopy or entry.data is None:
+            return
         layer, place = entry.data
         if isinstance(place, str):
             assert entry.data_parent is not None
             place = (*self.layer_path(entry.data_parent, layer), place)
             entry.data, entry.data_parent = (layer, place), None
-        directory_fd, name = entry.location(self.fds)
-        self.marks.set_redirect(directory_fd, name, "/" + "/".join(place))
 
     def layer_path(self, directory: Directory, layer: int) -> tuple[str, ...]:
         """The path from the root of *layer* to *directory*'s copy there."""

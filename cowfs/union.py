@@ -811,6 +811,8 @@ class Union:
     def _drop_name(self, entry: Entry, name: Name) -> None:
         """*name* is gone from the merged view; the entry is removed with its last name (the
         caller pinned it before: see `Entry.pin`)."""
+        if entry.metacopy and self._copy_up is not None:
+            self._copy_up.find_data_by_path(entry)
         self._unmap(entry, name.parent, name.name)
         entry.names.remove(name)
         if not entry.names:

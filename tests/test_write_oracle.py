@@ -652,6 +652,26 @@ def test_issue_sequences(script: str, combination: Combination) -> None:
                                 subject=subject_under_test()) == len(steps_)
 
 
+# A lower file with a name in a directory and one beside it (found by the write oracle).
+LINKED_ACROSS_STACK = WriteStack(
+    Stack("kernel", [
+        Dir(children={"d": Dir(children={"x": File(b"data\n")}), "a": HardLink("d/x")}),
+        Dir(children={"d": File(b"")}),
+    ]),
+    ["a", "d", "x", "z"],
+)
+
+
+def test_a_lower_hard_link_outlives_the_directory_of_its_other_name() -> None:
+    """d/x unlinked, then d removed: a still reads its data. The unlink copies the file up
+    metadata-only (into the index), and that copy found its data through d."""
+    steps_ = (op("unlink", "d/x"), op("rmdir", "d"), op("stat", "a"),
+              op("write", "a", os.O_APPEND, None, b"more", False, True), op("stat", "a"))
+    with tempfile.TemporaryDirectory(prefix="cowfs-write-") as temporary:
+        assert compare_sequence(Path(temporary), LINKED_ACROSS_STACK, scripted(*steps_),
+                                combination=ALL_ON, subject=subject_under_test()) == len(steps_)
+
+
 def test_harness_catches_a_different_result() -> None:
     def tamper(step: int, side: Side, handles: Handles) -> None:
         if step == 0:   # the subject's "a" goes before its own unlink of it
