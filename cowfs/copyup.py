@@ -268,7 +268,8 @@ class CopyUp:
 
         The copy goes to *name*, or else the entry's first name. A lower file whose names are
         all gone cannot be copied up: EEXIST, as the kernel answers (its copy-up meets what
-        now stands at the old name).
+        now stands at the old name), or ENOENT where the old name's directory is gone too
+        (the kernel's copy-up of that directory fails first).
         A metadata-only copy (the kernel's metacopy) of a regular file is a sparse file of the
         same size marked `overlay.metacopy`, whose data stays in the lower copy until the
         first write or truncate. A lower file with several names is always copied whole:
@@ -279,6 +280,9 @@ class CopyUp:
             return
         if entry.layer != UPPER:
             if name is None and not entry.names:
+                if entry.last_parent is not None and entry.last_parent.removed:
+                    raise OSError(errno.ENOENT, "the directory of this lower file is gone",
+                                  entry.describe())
                 raise OSError(errno.EEXIST, "the names of this lower file are gone",
                               entry.describe())
             yield from self._copy_up_file(entry, name or entry.names[0], data=data)

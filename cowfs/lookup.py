@@ -60,7 +60,8 @@ class Entry:
     """
 
     __slots__ = ("__weakref__", "_unpin", "anonymous", "data", "data_parent", "index_name",
-                 "layer", "metacopy", "names", "origin_ino", "pinned_fd", "removed", "stat")
+                 "last_parent", "layer", "metacopy", "names", "origin_ino", "pinned_fd",
+                 "removed", "stat")
 
     def __init__(self, name: Name | None, layer: int, st: os.stat_result) -> None:
         self.names: list[Name] = [] if name is None else [name]
@@ -69,6 +70,8 @@ class Entry:
         # The inode number the merged view showed before copy-up, recorded in the upper copy.
         self.origin_ino: int | None = None
         self.removed = False     # every name is gone: only holders of the entry reach it
+        # Where the last name was, once every name is gone (a copy-up then says why it fails).
+        self.last_parent: Directory | None = None
         # Made unnamed (O_TMPFILE) and not linked yet: removed, but a first link may name it.
         self.anonymous = False
         self.pinned_fd: int | None = None

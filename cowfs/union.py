@@ -817,6 +817,7 @@ class Union:
         entry.names.remove(name)
         if not entry.names:
             entry.removed = True
+            entry.last_parent = name.parent
 
     def _move(self, entry: Entry, known: Name, directory: Directory, name: str, *,
               has_lower: bool) -> None:

@@ -598,6 +598,10 @@ REPROS = {
         op("open", 0, "empty", "directory"), op("rmdir", "empty"), op("fd_chmod", 0, 0o700),
         op("mkdir", "empty", 0o755), op("fd_chmod", 0, 0o701), op("fd_setxattr", 0, "user.a", b""),
         op("fd_list", 0), op("fd_create", 0, "n", 0, b""), op("stat", "empty")),
+    "lower file open across the removal of its directory: ENOENT, not EEXIST": (
+        op("open", 0, "d/x", "read"), op("unlink", "d/x"), op("fd_chmod", 0, 0o600),
+        op("unlink", "d/y"), op("rmdir", "d"), op("fd_chmod", 0, 0o644),
+        op("mkdir", "d", 0o755), op("fd_chmod", 0, 0o640), op("fd_read", 0, 0)),
     "directory open across a rename, and a lower one": (
         op("mkdir", "z", 0o755), op("open", 0, "z", "directory"), op("open", 1, "d", "directory"),
         op("rename", "z", "q", 0), op("rename", "d", "r", 0), op("fd_chmod", 0, 0o700),
