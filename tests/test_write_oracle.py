@@ -75,7 +75,8 @@ from write_model import (
 
 pytestmark = pytest.mark.mounts
 
-WRITE_SEQUENCES = int(os.environ.get("COWFS_SOAK_EXAMPLES", "300"))   # the issue: >= 300
+# The issue asked for >= 300; the zygote made them cheap enough for twice that (ARCHITECTURE.md).
+WRITE_SEQUENCES = int(os.environ.get("COWFS_SOAK_EXAMPLES", "600"))
 STEPS = 30
 SANITY_SEQUENCES = 10
 
