@@ -5,7 +5,7 @@ The public API: open a layer stack and read the merged tree without FUSE (`Union
 """
 
 from cowfs.fuse_extensions import KernelFeatures
-from cowfs.handle import Mounted, MountError, mount_stack, mounted, open_mounted
+from cowfs.handle import KernelOptions, Mounted, MountError, mount_stack, mounted, open_mounted
 from cowfs.layers import LayerStack, LayoutError, open_stack, parse_lowerdirs
 from cowfs.lookup import Directory, Entry, Name
 from cowfs.union import Union
@@ -31,6 +31,7 @@ __all__ = [
     "FormatOptions",
     "ImageError",
     "KernelFeatures",
+    "KernelOptions",
     "LayerError",
     "LayerStack",
     "LayoutError",

@@ -36,6 +36,26 @@ UNMOUNT_TIMEOUT_S = 30.0
 DEFAULT_FORMAT = FormatOptions()
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """What the kernel does for the mount beyond plain FUSE (docs/ARCHITECTURE.md says what
+    each costs and gains), as `cowfs mount -o` spells them."""
+
+    caches: bool = True             # cached listings and symlinks, the extra operations
+    plain_listings: bool = False    # readdirplus=auto: plain READDIR where no stat follows
+    writeback: bool = False         # writeback=1: writes gather in the kernel's page cache
+    passthrough: bool = False       # passthrough=on: libfuse >= 3.17 and root, else ignored
+
+    def as_options(self) -> list[str]:
+        return [f"kernel_caches={'on' if self.caches else 'off'}",
+                f"readdirplus={'auto' if self.plain_listings else 'yes'}",
+                f"writeback={int(self.writeback)}",
+                f"passthrough={'on' if self.passthrough else 'off'}"]
+
+
+DEFAULT_KERNEL = KernelOptions()
+
+
 class MountError(Exception):
     """The stack could not be mounted; the message says why in one line."""
 
@@ -79,16 +99,18 @@ def mounted(lowers: Sequence[str], mountpoint: str, *, upper: str | None = None,
             workdir: str | None = None, fsync: str = durability.BATCH,
             uidmapping: Sequence[tuple[int, int, int]] = (),
             gidmapping: Sequence[tuple[int, int, int]] = (),
-            format_options: FormatOptions = DEFAULT_FORMAT) -> Iterator[Mounted]:
+            format_options: FormatOptions = DEFAULT_FORMAT,
+            kernel: KernelOptions = DEFAULT_KERNEL) -> Iterator[Mounted]:
     """Mount *lowers* (topmost first) with an optional writable *upper* at *mountpoint*.
 
     *uidmapping*/*gidmapping* are (disk id, view id, count) triples (`cowfs.idmap`);
-    *format_options* the kernel's metacopy=, redirect_dir= and index= (`FormatOptions`). Raises
-    MountError or LayoutError before anything is mounted; unmounts on exit.
+    *format_options* the kernel's metacopy=, redirect_dir= and index= (`FormatOptions`);
+    *kernel* the kernel features asked for (`KernelOptions`). Raises MountError or LayoutError
+    before anything is mounted; unmounts on exit.
     """
     handle = mount_stack(lowers, mountpoint, upper=upper, workdir=workdir, fsync=fsync,
                          uidmapping=tuple(uidmapping), gidmapping=tuple(gidmapping),
-                         format_options=format_options)
+                         format_options=format_options, kernel=kernel)
     try:
         yield handle
     finally:
@@ -100,13 +122,13 @@ async def open_mounted(lowers: Sequence[str], mountpoint: str, *, upper: str | N
                        workdir: str | None = None, fsync: str = durability.BATCH,
                        uidmapping: Sequence[tuple[int, int, int]] = (),
                        gidmapping: Sequence[tuple[int, int, int]] = (),
-                       format_options: FormatOptions = DEFAULT_FORMAT
-                       ) -> AsyncIterator[Mounted]:
+                       format_options: FormatOptions = DEFAULT_FORMAT,
+                       kernel: KernelOptions = DEFAULT_KERNEL) -> AsyncIterator[Mounted]:
     """`mounted` for trio programs: the mount and unmount wait without blocking the loop."""
     import trio
     command = _mount_command(lowers, mountpoint, upper=upper, workdir=workdir, fsync=fsync,
                              uidmapping=tuple(uidmapping), gidmapping=tuple(gidmapping),
-                             format_options=format_options)
+                             format_options=format_options, kernel=kernel)
     result = await trio.run_process(command, capture_stderr=True, check=False,
                                     stdin=subprocess.DEVNULL)
     if result.returncode != 0:
@@ -124,14 +146,18 @@ def mount_stack(lowers: Sequence[str], mountpoint: str, *, upper: str | None = N
                 workdir: str | None = None, fsync: str = durability.BATCH,
                 uidmapping: tuple[tuple[int, int, int], ...] = (),
                 gidmapping: tuple[tuple[int, int, int], ...] = (),
-                format_options: FormatOptions = DEFAULT_FORMAT) -> Mounted:
+                format_options: FormatOptions = DEFAULT_FORMAT,
+                kernel: KernelOptions = DEFAULT_KERNEL) -> Mounted:
     """`mounted` without the `with`: the caller unmounts the handle it gets."""
     if fsync not in durability.MODES:
         raise MountError(f"fsync must be one of {', '.join(durability.MODES)}, not {fsync!r}", 2)
+    if kernel.passthrough and kernel.writeback:
+        raise MountError("passthrough and writeback exclude each other: the kernel has no "
+                         "passthrough under the writeback cache", 2)
     if threading.active_count() > 1:
         command = _mount_command(lowers, mountpoint, upper=upper, workdir=workdir, fsync=fsync,
                                  uidmapping=uidmapping, gidmapping=gidmapping,
-                                 format_options=format_options)
+                                 format_options=format_options, kernel=kernel)
         result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
                                 text=True, check=False)
         if result.returncode != 0:
@@ -141,7 +167,11 @@ def mount_stack(lowers: Sequence[str], mountpoint: str, *, upper: str | None = N
                        format_options=format_options)
     path = os.path.realpath(mountpoint)
     options = daemon.MountOptions(readonly=upper is None, fsync=fsync,
-                                  uids=IdMap(uidmapping), gids=IdMap(gidmapping))
+                                  uids=IdMap(uidmapping), gids=IdMap(gidmapping),
+                                  kernel_caches=kernel.caches,
+                                  plain_listings=kernel.plain_listings,
+                                  writeback_cache=kernel.writeback,
+                                  passthrough=kernel.passthrough)
     try:
         return Mounted(path, daemon.start(stack, path, options))
     except daemon.DaemonError as exc:
@@ -152,9 +182,9 @@ def _mount_command(lowers: Sequence[str], mountpoint: str, *, upper: str | None,
                    workdir: str | None, fsync: str,
                    uidmapping: tuple[tuple[int, int, int], ...],
                    gidmapping: tuple[tuple[int, int, int], ...],
-                   format_options: FormatOptions) -> list[str]:
+                   format_options: FormatOptions, kernel: KernelOptions) -> list[str]:
     lowerdir = format_lowerdirs(list(lowers))
-    options = [f"fsync={fsync}", *format_options.as_options()]
+    options = [f"fsync={fsync}", *format_options.as_options(), *kernel.as_options()]
     for name, triples in (("uidmapping", uidmapping), ("gidmapping", gidmapping)):
         if triples:
             options.append(f"{name}=" + ":".join(f"{disk}:{view}:{count}"

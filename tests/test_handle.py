@@ -57,6 +57,49 @@ def test_bad_input_raises_before_anything_is_mounted(stack: dict[str, Path]) -> 
     assert not is_mounted(stack["merged"])
 
 
+def requests(merged: Path) -> dict[str, int]:
+    return cowfs.Mounted(str(merged)).statistics()["requests"]  # type: ignore[return-value]
+
+
+def write_pages(path: Path) -> None:
+    with open(path, "wb") as file:
+        for _ in range(64):
+            file.write(b"x" * 4096)
+            file.flush()
+
+
+@pytest.mark.parametrize("start", ["forked", "by command"])
+def test_kernel_options_reach_the_mount(stack: dict[str, Path], start: str) -> None:
+    """Plain listings and the writeback cache asked for from Python: the statistics show the
+    one, and 64 page writes reaching the daemon as a few WRITEs the other."""
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    if start == "by command":
+        thread.start()        # a threaded caller: `cowfs mount` with the options spelled out
+    try:
+        kernel = cowfs.KernelOptions(plain_listings=True, writeback=True)
+        with cowfs.mounted([str(stack["top"])], str(stack["merged"]), upper=str(stack["upper"]),
+                           kernel=kernel) as mount:
+            assert mount.kernel_features().plain_listings
+            before = requests(stack["merged"]).get("write", 0)
+            write_pages(stack["merged"] / "new")
+            assert 0 < requests(stack["merged"])["write"] - before < 16
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join()
+    with cowfs.mounted([str(stack["top"])], str(stack["merged"]), upper=str(stack["upper"]),
+                       kernel=cowfs.KernelOptions(caches=False)) as mount:
+        assert mount.kernel_features().reason == "turned off (-o kernel_caches=off)"
+        before = requests(stack["merged"]).get("write", 0)
+        write_pages(stack["merged"] / "new")
+        assert requests(stack["merged"])["write"] - before == 64
+    with pytest.raises(cowfs.MountError, match="exclude each other") as refused:
+        cowfs.mount_stack([str(stack["top"])], str(stack["merged"]), upper=str(stack["upper"]),
+                          kernel=cowfs.KernelOptions(writeback=True, passthrough=True))
+    assert refused.value.exit_code == 2 and not is_mounted(stack["merged"])
+
+
 def test_a_refused_layout_makes_no_workdir(stack: dict[str, Path], tmp_path: Path) -> None:
     (stack["merged"] / "something").write_text("")
     before = paths_under(tmp_path)
