@@ -48,6 +48,13 @@ class MountOptions:
     # writes the backing files itself (docs/ARCHITECTURE.md says when).
     passthrough: bool = False
 
+    def conflict(self) -> str | None:
+        """Why these options cannot mount together, if they cannot."""
+        if self.passthrough and self.writeback_cache:
+            return ("mount options 'passthrough=on' and 'writeback=1' exclude each other: the "
+                    "kernel has no passthrough under the writeback cache")
+        return None
+
 
 def serve(stack: LayerStack, mountpoint: str, options: MountOptions,
           on_mounted: Callable[[], None] | None = None) -> None:

@@ -151,9 +151,14 @@ def mount_stack(lowers: Sequence[str], mountpoint: str, *, upper: str | None = N
     """`mounted` without the `with`: the caller unmounts the handle it gets."""
     if fsync not in durability.MODES:
         raise MountError(f"fsync must be one of {', '.join(durability.MODES)}, not {fsync!r}", 2)
-    if kernel.passthrough and kernel.writeback:
-        raise MountError("passthrough and writeback exclude each other: the kernel has no "
-                         "passthrough under the writeback cache", 2)
+    options = daemon.MountOptions(readonly=upper is None, fsync=fsync,
+                                  uids=IdMap(uidmapping), gids=IdMap(gidmapping),
+                                  kernel_caches=kernel.caches,
+                                  plain_listings=kernel.plain_listings,
+                                  writeback_cache=kernel.writeback,
+                                  passthrough=kernel.passthrough)
+    if conflict := options.conflict():
+        raise MountError(conflict, 2)
     if threading.active_count() > 1:
         command = _mount_command(lowers, mountpoint, upper=upper, workdir=workdir, fsync=fsync,
                                  uidmapping=uidmapping, gidmapping=gidmapping,
@@ -166,12 +171,6 @@ def mount_stack(lowers: Sequence[str], mountpoint: str, *, upper: str | None = N
     stack = open_stack(list(lowers), upper, workdir, mountpoint=mountpoint,
                        format_options=format_options)
     path = os.path.realpath(mountpoint)
-    options = daemon.MountOptions(readonly=upper is None, fsync=fsync,
-                                  uids=IdMap(uidmapping), gids=IdMap(gidmapping),
-                                  kernel_caches=kernel.caches,
-                                  plain_listings=kernel.plain_listings,
-                                  writeback_cache=kernel.writeback,
-                                  passthrough=kernel.passthrough)
     try:
         return Mounted(path, daemon.start(stack, path, options))
     except daemon.DaemonError as exc:

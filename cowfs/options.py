@@ -98,9 +98,8 @@ def parse(values: Sequence[str], *, is_root: bool = True) -> ParsedOptions:
                                default=False),
         writeback_cache=_switch(settings, "writeback", ("0", "1"), "1", default=False),
         passthrough=_switch(settings, "passthrough", ("on", "off"), "on", default=False))
-    if parsed.mount.passthrough and parsed.mount.writeback_cache:
-        raise OptionError("mount options 'passthrough=on' and 'writeback=1' exclude each "
-                          "other: the kernel has no passthrough under the writeback cache")
+    if conflict := parsed.mount.conflict():
+        raise OptionError(conflict)
     return parsed
 
 

@@ -24,7 +24,7 @@ import sys
 import time
 import traceback
 
-# Read by the forked daemon's request: argv, the log's path, the directory to run in.
+# The most a request (argv, the log's path, the directory to run in) may take.
 MAX_REQUEST = 1 << 20
 
 
@@ -61,8 +61,9 @@ def serve(socket_path: str) -> None:
             os.close(pidfd)
             _, status = os.waitpid(pid, 0)
             with contextlib.suppress(OSError):
-                connection.sendall(json.dumps({"returncode": _returncode(status)}).encode()
-                                   + b"\n")
+                # As subprocess.Popen says it: the exit code, or minus the signal.
+                returncode = os.waitstatus_to_exitcode(status)
+                connection.sendall(json.dumps({"returncode": returncode}).encode() + b"\n")
             connection.close()
 
 
@@ -74,11 +75,6 @@ def _read_line(connection: socket.socket) -> bytes:
             raise ConnectionError("the request ended early")
         data += chunk
     return data
-
-
-def _returncode(status: int) -> int:
-    """As subprocess.Popen says it: the exit code, or minus the signal that ended it."""
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 def _run_mount(connection: socket.socket, request: dict) -> None:
@@ -100,9 +96,10 @@ def _run_mount(connection: socket.socket, request: dict) -> None:
         os.chdir(request["cwd"])
         sys.argv = ["cowfs", *request["argv"]]
         import setproctitle
+
+        from cowfs import cli  # imported by the zygote already
         # `ps` shows the command line the daemon stands for, not the zygote's.
         setproctitle.setproctitle(" ".join([sys.executable, "-m", "cowfs", *request["argv"]]))
-        from cowfs import cli
         try:
             code = cli.main(request["argv"])
         except SystemExit as exc:       # argparse's usage errors
