@@ -1,10 +1,10 @@
 """The few libc calls `os` lacks, through ctypes. Every failure is an OSError with its errno."""
 
 import ctypes
-import ctypes.util
 import os
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+# The C library this interpreter runs on, already loaded: no ldconfig run to find it.
+_libc = ctypes.CDLL(None, use_errno=True)
 
 # renameat2(2) flags
 RENAME_NOREPLACE = 1
@@ -122,11 +122,14 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 PR_SET_KEEPCAPS = 8
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+KEYCTL_JOIN_SESSION_KEYRING = 1
 
 # Syscalls glibc does not wrap, by architecture (see syscall(2)).
 _SYSCALL_NUMBERS = {
-    "x86_64": {"pivot_root": 155, "capset": 126},
-    "aarch64": {"pivot_root": 41, "capset": 91},
+    "x86_64": {"pivot_root": 155, "capset": 126, "keyctl": 250},
+    "aarch64": {"pivot_root": 41, "capset": 91, "keyctl": 219},
 }
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
@@ -187,10 +190,45 @@ def capability_number(name: str) -> int:
         raise ValueError(f"unknown capability {name!r}") from None
 
 
-def set_capabilities(numbers: frozenset[int] = frozenset()) -> None:
-    """Set this thread's effective, permitted and inheritable sets to *numbers* (capset(2))."""
+def bounding_set() -> frozenset[int]:
+    """The capabilities this process can still have (its bounding set, from /proc)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("CapBnd:"):
+                mask = int(line.split()[1], 16)
+                return frozenset(number for number in range(mask.bit_length())
+                                 if mask >> number & 1)
+    return frozenset()
+
+
+def set_capabilities(numbers: frozenset[int] = frozenset(),
+                     inheritable: frozenset[int] = frozenset()) -> None:
+    """Set this thread's effective and permitted sets to *numbers*, its inheritable set to
+    *inheritable* (capset(2)); an ambient capability must be in both."""
+    def words(chosen: frozenset[int]) -> tuple[int, int]:
+        return (sum(1 << number for number in chosen if number < 32),
+                sum(1 << (number - 32) for number in chosen if number >= 32))
+
     header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
-    low = sum(1 << number for number in numbers if number < 32)
-    high = sum(1 << (number - 32) for number in numbers if number >= 32)
-    data = (ctypes.c_uint32 * 6)(low, low, low, high, high, high)
+    (low, high), (inheritable_low, inheritable_high) = words(numbers), words(inheritable)
+    data = (ctypes.c_uint32 * 6)(low, low, inheritable_low, high, high, inheritable_high)
     _check(_libc.syscall(_syscall_number("capset"), header, data), "capset")
+
+
+class _SockFilterProgram(ctypes.Structure):
+    _fields_ = [("length", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def load_seccomp_filter(program: bytes) -> None:
+    """Install a BPF *program* (struct sock_filter[]) on this thread; needs no_new_privs."""
+    buffer = ctypes.create_string_buffer(program, len(program))
+    header = _SockFilterProgram(len(program) // 8, ctypes.addressof(buffer))
+    _check(_libc.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER),
+                       ctypes.byref(header), ctypes.c_ulong(0), ctypes.c_ulong(0)),
+           "seccomp")
+
+
+def join_session_keyring() -> None:
+    """Leave the caller's session keyring for a new, empty one (keyctl(2))."""
+    _check(_libc.syscall(_syscall_number("keyctl"), KEYCTL_JOIN_SESSION_KEYRING, None),
+           "keyctl")

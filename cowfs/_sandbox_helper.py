@@ -5,8 +5,9 @@ interpreter (`python -m cowfs._sandbox_helper CONFIG`): a fork of a threaded pro
 deadlock on locks other threads held, and unshare of the mount namespace in a threaded process
 is refused. The helper unshares, forks PID 1 of the new pid namespace, which builds /proc,
 /dev and /sys inside the root, `pivot_root`s into it (plain chroot can be escaped), and forks the
-payload with every capability dropped and no_new_privs set. PID 1 reaps orphans, forwards
-signals, and exits with the payload's status (128+n when signal n killed it).
+payload with the capabilities it keeps, a fresh session keyring, no_new_privs and the syscall
+filter of `cowfs.seccomp`. PID 1 reaps orphans, forwards signals, and exits with the
+payload's status (128+n when signal n killed it).
 
 Limits come from cgroups.py: the helper joins the run's cgroups before it unshares.
 """
@@ -29,9 +30,12 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUI
 NAMESPACES = (_libc.CLONE_NEWNS | _libc.CLONE_NEWPID | _libc.CLONE_NEWUTS | _libc.CLONE_NEWIPC
               | _libc.CLONE_NEWNET | _libc.CLONE_NEWCGROUP)
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
-# Paths of /proc a payload must not read or write (as runc and docker mask them).
-MASKED_FILES = ("kcore", "keys", "timer_list", "sched_debug", "sysrq-trigger")
-MASKED_DIRECTORIES = ("acpi", "scsi", "firmware")
+# What of /proc and /sys reaches the whole host, as runc's defaults: masked (an empty read-only
+# directory, or /dev/null over a file) or read-only. A path this kernel lacks is skipped.
+MASKED_PATHS = ("proc/acpi", "proc/asound", "proc/kcore", "proc/keys", "proc/latency_stats",
+                "proc/timer_list", "proc/timer_stats", "proc/sched_debug", "proc/scsi",
+                "sys/firmware", "sys/devices/virtual/powercap")
+READ_ONLY_PATHS = ("proc/bus", "proc/fs", "proc/irq", "proc/sys", "proc/sysrq-trigger")
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
 _IFREQ = struct.Struct("16sh22x")
 
@@ -48,7 +52,11 @@ class SandboxConfig:
     uid: int = 0
     gid: int = 0
     network: str = "none"             # "none": a namespace with lo only; "host": the host's
-    capabilities: list[int] = dataclasses.field(default_factory=list)   # kept; none by default
+    # The bounding set, and for root the effective and permitted ones; *ambient* are those a
+    # non-root payload gets effective (asked for by name, not the defaults).
+    capabilities: list[int] = dataclasses.field(default_factory=list)
+    ambient: list[int] = dataclasses.field(default_factory=list)
+    seccomp_program: str = ""         # hex of the BPF program to load before exec; "" for none
     # cgroup.procs files the helper joins before anything else: the limits hold for PID 1 and
     # the payload, never for the FUSE daemon, which was started before.
     cgroup_procs: list[str] = dataclasses.field(default_factory=list)
@@ -149,16 +157,6 @@ def _prepare_root(root: str) -> None:
     secure = _libc.MS_NOSUID | _libc.MS_NODEV | _libc.MS_NOEXEC
     proc = _mkdir(os.path.join(root, "proc"))
     _libc.mount("proc", proc, "proc", secure)
-    for name in MASKED_FILES:
-        if os.path.exists(os.path.join(proc, name)):
-            _libc.mount("/dev/null", os.path.join(proc, name), None, _libc.MS_BIND)
-    for name in MASKED_DIRECTORIES:
-        if os.path.isdir(os.path.join(proc, name)):
-            _libc.mount("tmpfs", os.path.join(proc, name), "tmpfs", _libc.MS_RDONLY | secure)
-    proc_sys = os.path.join(proc, "sys")
-    _libc.mount(proc_sys, proc_sys, None, _libc.MS_BIND | _libc.MS_REC)
-    _libc.mount(proc_sys, proc_sys, None,
-                _libc.MS_BIND | _libc.MS_REMOUNT | _libc.MS_RDONLY | secure)
     dev = _mkdir(os.path.join(root, "dev"))
     _libc.mount("tmpfs", dev, "tmpfs", _libc.MS_NOSUID | _libc.MS_NOEXEC, "mode=755,size=65536k")
     for name in DEVICES:
@@ -182,6 +180,25 @@ def _prepare_root(root: str) -> None:
         _libc.mount("/sys", sys_dir, None, _libc.MS_BIND | _libc.MS_REC)
         _libc.mount("/sys", sys_dir, None,
                     _libc.MS_BIND | _libc.MS_REMOUNT | _libc.MS_RDONLY | secure)
+    for path in READ_ONLY_PATHS:
+        _read_only(os.path.join(root, path))
+    for path in MASKED_PATHS:
+        _mask(os.path.join(root, path))
+
+
+def _read_only(path: str) -> None:
+    if os.path.lexists(path):
+        _libc.mount(path, path, None, _libc.MS_BIND | _libc.MS_REC)
+        _libc.mount(path, path, None, _libc.MS_BIND | _libc.MS_REMOUNT | _libc.MS_RDONLY
+                    | _libc.MS_NOSUID | _libc.MS_NODEV | _libc.MS_NOEXEC)
+
+
+def _mask(path: str) -> None:
+    if os.path.isdir(path):
+        _libc.mount("tmpfs", path, "tmpfs",
+                    _libc.MS_RDONLY | _libc.MS_NOSUID | _libc.MS_NODEV | _libc.MS_NOEXEC)
+    elif os.path.lexists(path):
+        _libc.mount("/dev/null", path, None, _libc.MS_BIND)
 
 
 def _bind_terminal(console: str) -> None:
@@ -207,16 +224,18 @@ def _loopback_up() -> None:
 
 
 def _exec_payload(config: SandboxConfig) -> None:
-    """Become the payload: its user, no capability, no new privileges, only fds 0-2."""
+    """Become the payload: its user, its capabilities, a fresh session keyring, no new
+    privileges, the syscall filter, only fds 0-2."""
     try:
         for signum in FORWARDED_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
-        kept = frozenset(config.capabilities)
+        bounding = frozenset(config.capabilities)
+        kept = bounding if config.uid == 0 else bounding & frozenset(config.ambient)
         with open("/proc/sys/kernel/cap_last_cap") as cap_last_cap:
             last_capability = int(cap_last_cap.read())
         for capability in range(last_capability + 1):
-            if capability not in kept:
+            if capability not in bounding:
                 _libc.prctl(_libc.PR_CAPBSET_DROP, capability)
         _libc.prctl(_libc.PR_CAP_AMBIENT, _libc.PR_CAP_AMBIENT_CLEAR_ALL)
         os.setgroups([])
@@ -224,12 +243,19 @@ def _exec_payload(config: SandboxConfig) -> None:
         if kept and config.uid != 0:
             _libc.prctl(_libc.PR_SET_KEEPCAPS, 1)     # keep the permitted set across setuid
         os.setuid(config.uid)
-        _libc.set_capabilities(kept)
-        for capability in kept if config.uid != 0 else ():
+        # Root's inheritable set stays empty, so no file's inheritable capabilities reach the
+        # payload's programs (runc's CVE-2022-29162); ambient ones must be inheritable.
+        ambient = kept if config.uid != 0 else frozenset()
+        _libc.set_capabilities(kept, inheritable=ambient)
+        for capability in ambient:
             _libc.prctl(_libc.PR_CAP_AMBIENT, _libc.PR_CAP_AMBIENT_RAISE, capability)
+        # The caller's session keyring leads to the host user's keys (runc does the same).
+        _libc.join_session_keyring()
         _libc.prctl(_libc.PR_SET_NO_NEW_PRIVS, 1)
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         os.chdir(config.workdir)
+        if config.seccomp_program:
+            _libc.load_seccomp_filter(bytes.fromhex(config.seccomp_program))
         os.execvpe(config.command[0], config.command, config.environment)
     except BaseException as exc:
         print(f"cowfs run: cannot start {config.command[0]}: {exc}", file=sys.stderr)

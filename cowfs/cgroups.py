@@ -38,11 +38,31 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+# Below this a payload cannot start: the run's own PID 1 and the exec need about this much (and
+# docker refuses less than 6 MiB too).
+MIN_MEMORY_BYTES = 6 << 20
+# The payload and the sandbox's PID 1; the helper that waits outside is not counted.
+MIN_PIDS = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
     memory_bytes: int | None = None
     cpus: float | None = None          # CPU time per wall-clock second, as `docker --cpus`
-    pids: int | None = None
+    pids: int | None = None            # the sandbox's processes, PID 1 included
+
+    def check(self) -> None:
+        """Raise ValueError, naming the limit, for one no payload could start under."""
+        if self.memory_bytes is not None and self.memory_bytes < MIN_MEMORY_BYTES:
+            raise ValueError(f"--memory must be at least {MIN_MEMORY_BYTES >> 20}M, not "
+                             f"{self.memory_bytes} bytes")
+        available = os.cpu_count() or 1
+        if self.cpus is not None and not 0.01 <= self.cpus <= available:
+            raise ValueError(f"--cpus must be from 0.01 to {available} (the CPUs here), "
+                             f"not {self.cpus:g}")
+        if self.pids is not None and self.pids < MIN_PIDS:
+            raise ValueError(f"--pids must be at least {MIN_PIDS} (PID 1 and the payload), "
+                             f"not {self.pids}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +166,7 @@ class RunCgroups:
                 _write(directory, "cpu.max", f"{round(limits.cpus * CPU_PERIOD_US)} "
                                              f"{CPU_PERIOD_US}")
             elif controller == "pids" and limits.pids is not None:
-                _write(directory, "pids.max", str(limits.pids))
+                _write(directory, "pids.max", str(limits.pids + 1))    # + the helper
             return
         if controller == "memory" and limits.memory_bytes is not None:
             _write(directory, "memory.limit_in_bytes", str(limits.memory_bytes))
@@ -156,7 +176,24 @@ class RunCgroups:
             _write(directory, "cpu.cfs_period_us", str(CPU_PERIOD_US))
             _write(directory, "cpu.cfs_quota_us", str(round(limits.cpus * CPU_PERIOD_US)))
         elif controller == "pids" and limits.pids is not None:
-            _write(directory, "pids.max", str(limits.pids))
+            _write(directory, "pids.max", str(limits.pids + 1))
+
+    def oom_kills(self) -> int:
+        """How many processes the memory limit has killed (v2 memory.events, v1
+        memory.oom_control)."""
+        hierarchy = self.chosen.get("memory")
+        if hierarchy is None:
+            return 0
+        name = "memory.events" if hierarchy.version == 2 else "memory.oom_control"
+        try:
+            text = _read(os.path.join(self._directory(hierarchy), name))
+        except OSError:
+            return 0
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
 
     def join(self, pid: int) -> None:
         for directory in self.directories:

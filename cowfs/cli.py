@@ -97,7 +97,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     run.add_argument("--cpus", type=float, metavar="N", help="CPU time, e.g. 0.5 of one CPU")
     run.add_argument("--pids", type=int, metavar="N", help="at most N processes")
     run.add_argument("--cap-add", action="append", default=[], metavar="CAPABILITY",
-                     help="a capability the payload keeps (all are dropped otherwise)")
+                     help="a capability to keep beyond the default set (podman's), or ALL")
+    run.add_argument("--cap-drop", action="append", default=[], metavar="CAPABILITY",
+                     help="a capability of the default set to drop, or ALL")
+    run.add_argument("--security-opt", action="append", default=[], metavar="OPTION",
+                     help="seccomp=unconfined: run without the syscall filter")
     run.add_argument("--net", choices=("none", "host"), default="none",
                      help="none: a network namespace with lo only (default); host: the host's")
 
@@ -371,18 +375,35 @@ def _run(arguments: argparse.Namespace) -> int:
         environment[key] = value
     if arguments.commit and os.path.lexists(arguments.commit):
         raise CliError(f"--commit: layer directory {arguments.commit} exists already")
+    seccomp = _parse_security_options(arguments.security_opt)
     with Sandbox(arguments.layers, upper=arguments.upper, memory=arguments.memory,
                  cpus=arguments.cpus, pids=arguments.pids) as box:
         try:
             code = box.run(arguments.payload, hostname=arguments.hostname, env=environment,
                            workdir=arguments.workdir, user=(uid, gid), network=arguments.net,
-                           capabilities=arguments.cap_add, on_start=_forward_signals)
+                           cap_add=arguments.cap_add, cap_drop=arguments.cap_drop,
+                           seccomp=seccomp, on_start=_forward_signals)
         finally:
             for signum in RUN_SIGNALS:
                 signal.signal(signum, signal.SIG_IGN)
+        if box.oom_killed:
+            print(f"cowfs run: out of memory: the memory limit ({arguments.memory}) killed a "
+                  "process of the payload", file=sys.stderr)
         if arguments.commit:
             box.commit(arguments.commit)
         return code
+
+
+def _parse_security_options(options: list[str]) -> bool:
+    """Whether the syscall filter is on, from podman's `--security-opt` spellings."""
+    seccomp = True
+    for option in options:
+        key, _, value = option.partition("=")
+        if key != "seccomp" or value not in ("unconfined", "default"):
+            raise CliError(f"--security-opt: expected seccomp=unconfined or seccomp=default, "
+                           f"not {option!r}")
+        seccomp = value == "default"
+    return seccomp
 
 
 def _forward_signals(helper: int) -> None:

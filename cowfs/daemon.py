@@ -79,11 +79,12 @@ def serve(stack: LayerStack, mountpoint: str, options: MountOptions,
 
 
 def start(stack: LayerStack, mountpoint: str, options: MountOptions,
-          log_file: str | None = None) -> int:
+          log_file: str | None = None, meanwhile: Callable[[], None] | None = None) -> int:
     """Fork a daemon serving *stack* at *mountpoint*; its pid once the mount is live.
 
     The stack's fds go to the daemon and are closed here. Fork only from a process with one
     thread (a forked copy of a threaded process can deadlock on locks the others held).
+    *meanwhile* runs here while the daemon starts (it imports pyfuse3 and trio, ~100 ms).
     """
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -98,6 +99,8 @@ def start(stack: LayerStack, mountpoint: str, options: MountOptions,
             os._exit(code)
     os.close(write_end)
     stack.close()
+    if meanwhile is not None:
+        meanwhile()
     with os.fdopen(read_end, "rb") as pipe:
         report = pipe.read()
     if report == b"ready":

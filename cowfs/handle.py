@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 from cowfs import daemon, durability
 from cowfs.fuse_extensions import KernelFeatures
@@ -147,8 +147,13 @@ def mount_stack(lowers: Sequence[str], mountpoint: str, *, upper: str | None = N
                 uidmapping: tuple[tuple[int, int, int], ...] = (),
                 gidmapping: tuple[tuple[int, int, int], ...] = (),
                 format_options: FormatOptions = DEFAULT_FORMAT,
-                kernel: KernelOptions = DEFAULT_KERNEL) -> Mounted:
-    """`mounted` without the `with`: the caller unmounts the handle it gets."""
+                kernel: KernelOptions = DEFAULT_KERNEL,
+                while_starting: Callable[[], None] | None = None) -> Mounted:
+    """`mounted` without the `with`: the caller unmounts the handle it gets.
+
+    *while_starting* runs in this process while a forked daemon starts up (not at all when
+    the daemon is started as a command).
+    """
     if fsync not in durability.MODES:
         raise MountError(f"fsync must be one of {', '.join(durability.MODES)}, not {fsync!r}", 2)
     options = daemon.MountOptions(readonly=upper is None, fsync=fsync,
@@ -172,7 +177,7 @@ def mount_stack(lowers: Sequence[str], mountpoint: str, *, upper: str | None = N
                        format_options=format_options)
     path = os.path.realpath(mountpoint)
     try:
-        return Mounted(path, daemon.start(stack, path, options))
+        return Mounted(path, daemon.start(stack, path, options, meanwhile=while_starting))
     except daemon.DaemonError as exc:
         raise MountError(f"cannot mount {mountpoint}: {exc}") from None
 

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cowfs import _libc, _sandbox_helper, cgroups, handle
+from cowfs import seccomp as _seccomp
 from cowfs._sandbox_helper import SandboxConfig
 from cowfs.commit import CommitError, commit_upper
 from cowfs.layers import LayoutError, parse_lowerdirs, read_mountinfo, unmount
@@ -34,6 +35,9 @@ from cowfs.layers import LayoutError, parse_lowerdirs, read_mountinfo, unmount
 log = logging.getLogger(__name__)
 
 RUN_PREFIX = "cowfs-run-"
+# podman's default set: enough for apt, dpkg and useradd as root, none of the host-wide ones.
+DEFAULT_CAPABILITIES = ("chown", "dac_override", "fowner", "fsetid", "kill", "net_bind_service",
+                        "setfcap", "setgid", "setpcap", "setuid", "sys_chroot")
 
 
 class SandboxError(Exception):
@@ -57,6 +61,11 @@ class Sandbox:
         except ValueError as exc:
             raise SandboxError(f"memory: {exc}") from None
         self.limits = cgroups.Limits(memory_bytes=memory_bytes, cpus=cpus, pids=pids)
+        try:
+            self.limits.check()
+        except ValueError as exc:
+            raise SandboxError(str(exc)) from None
+        self.oom_killed = False         # whether the memory limit killed a process of the last run
         self.scratch = ""
         self.merged = ""
         self.upper = ""
@@ -86,7 +95,8 @@ class Sandbox:
         workdir = None if self.kept_upper else os.path.join(self.scratch, "work")
         try:
             self.mount = handle.mount_stack(self.lowers, self.merged,
-                                            upper=self.upper, workdir=workdir)
+                                            upper=self.upper, workdir=workdir,
+                                            while_starting=_seccomp.preload)
         except LayoutError as exc:
             _remove_made(made)          # a refused mount leaves no upper it made
             raise SandboxError(str(exc)) from None
@@ -99,33 +109,38 @@ class Sandbox:
     def run(self, command: Sequence[str], *, hostname: str = "cowfs",
             env: dict[str, str] | None = None, workdir: str = "/",
             user: tuple[int, int] = (0, 0), network: str = "none",
-            capabilities: Sequence[str] = (),
+            cap_add: Sequence[str] = (), cap_drop: Sequence[str] = (), seccomp: bool = True,
             on_start: Callable[[int], None] | None = None) -> int:
         """Run *command* in new namespaces; its exit status, 128+n if signal n ended it.
 
-        *capabilities* names the ones the payload keeps (`net_bind_service`, ...); by default
-        it keeps none. *on_start* gets the pid of the helper process, to which a caller may
-        forward signals.
+        The payload keeps DEFAULT_CAPABILITIES, less *cap_drop*, plus *cap_add* (names such
+        as `net_bind_service`, or `ALL`); a non-root user gets only the added ones in effect.
+        *seccomp* False runs it without the syscall filter. *on_start* gets the pid of the
+        helper process, to which a caller may forward signals.
         """
         if network not in ("none", "host"):
             raise SandboxError(f"network must be none or host, not {network!r}")
         try:
-            kept = sorted({_libc.capability_number(name) for name in capabilities})
-        except ValueError as exc:
+            bounding, added = resolve_capabilities(cap_add, cap_drop)
+            program = _seccomp.build(bounding).hex() if seccomp else ""
+        except (ValueError, _seccomp.SeccompError) as exc:
             raise SandboxError(str(exc)) from None
         environment = SandboxConfig(root="", command=[]).environment
         environment.update(env or {})
         assert self.cgroups is not None, "run inside `with Sandbox(...)`"
         config = SandboxConfig(root=self.merged, command=list(command), hostname=hostname,
                                environment=environment, workdir=workdir, uid=user[0],
-                               gid=user[1], network=network, capabilities=kept,
+                               gid=user[1], network=network, capabilities=sorted(bounding),
+                               ambient=sorted(added), seccomp_program=program,
                                cgroup_procs=[os.path.join(directory, "cgroup.procs")
                                              for directory in self.cgroups.directories])
+        kills_before = self.cgroups.oom_kills()
         helper = _start_helper(config)
         if on_start is not None:
             on_start(helper)
         _, status = os.waitpid(helper, 0)
         code = _sandbox_helper.exit_code(status)
+        self.oom_killed = self.cgroups.oom_kills() > kills_before
         self.cgroups.kill()        # what the payload left behind, before anything else runs
         return code
 
@@ -152,6 +167,32 @@ class Sandbox:
             if self.scratch and not any(mount.mountpoint.startswith(self.scratch + os.sep)
                                         for mount in read_mountinfo()):
                 shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def resolve_capabilities(cap_add: Sequence[str],
+                         cap_drop: Sequence[str]) -> tuple[frozenset[int], frozenset[int]]:
+    """(the payload's set, the added ones) from docker-style `--cap-add`/`--cap-drop` names.
+
+    `--cap-drop ALL --cap-add X` keeps X only; `--cap-add ALL --cap-drop X` all but X.
+    """
+    every = _libc.bounding_set()      # ALL is what this process may hand on
+
+    def numbers(names: Sequence[str]) -> frozenset[int]:
+        if any(name.upper() == "ALL" for name in names):
+            return every
+        return frozenset(_libc.capability_number(name) for name in names)
+
+    if missing := sorted(numbers(cap_add) - every):
+        raise ValueError(f"--cap-add: this process has no {_libc.CAPABILITY_NAMES[missing[0]]} "
+                         "capability to give")
+
+    added, dropped = numbers(cap_add), numbers(cap_drop)
+    if added == every:
+        dropped = numbers([name for name in cap_drop if name.upper() != "ALL"])
+        return every - dropped, every - dropped
+    added -= numbers([name for name in cap_drop if name.upper() != "ALL"])
+    defaults = frozenset(_libc.capability_number(name) for name in DEFAULT_CAPABILITIES)
+    return (defaults - dropped) | added, added
 
 
 def _make_directories(path: str) -> list[str]:
@@ -198,7 +239,8 @@ def run(layers: str | Sequence[str], command: Sequence[str], *, upper: str | Non
         pids: int | None = None, **options: object) -> int:
     """Run one command in a fresh sandbox and tear it down; its exit status.
 
-    *options* are `Sandbox.run`'s: hostname, env, workdir, user, network, on_start.
+    *options* are `Sandbox.run`'s: hostname, env, workdir, user, network, cap_add, cap_drop,
+    seccomp, on_start.
     """
     if commit and os.path.lexists(commit):
         raise SandboxError(f"commit: layer directory {commit} exists already")

@@ -8,9 +8,10 @@ say() { printf 'install: %s\n' "$*"; }
 
 # podman, runc, conmon: tests/test_podman.py (runc named, or podman's "crun | runc" picks crun,
 # which refuses this machine kind's hybrid cgroup layout); skopeo, umoci: OCI layouts;
-# fuse-overlayfs, fio: the benchmark harness's peer and random-read load.
-packages=(fuse3 libfuse3-dev pkg-config gcc busybox-static podman runc conmon skopeo umoci
-          fuse-overlayfs fio)
+# fuse-overlayfs, fio: the benchmark harness's peer and random-read load; libseccomp2: the
+# syscall filter of `cowfs run` (pyseccomp loads it); libc6-dev: tests build a static probe.
+packages=(fuse3 libfuse3-dev pkg-config gcc libc6-dev libseccomp2 busybox-static podman runc
+          conmon skopeo umoci fuse-overlayfs fio)
 python=${PYTHON:-python3}
 command -v "$python" >/dev/null || packages+=(python3)
 if ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then packages+=(python3-venv); fi

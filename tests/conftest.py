@@ -251,3 +251,39 @@ def package_317(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """cowfs with its extensions built against libfuse 3.17 (tests/libfuse317.py)."""
     import libfuse317
     return libfuse317.build_package(tmp_path_factory.mktemp("cowfs317"))
+
+
+# `cowfs run` roots: one static busybox and its applets, and a probe of the kernel's answers.
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+APPLETS = ("sh", "ps", "hostname", "cat", "ls", "echo", "mkdir", "chroot", "grep", "sleep",
+           "stty", "tty", "true", "touch")
+
+
+@pytest.fixture
+def rootfs(tmp_path: Path) -> Path:
+    """A root filesystem of one static busybox and its applets."""
+    if not os.path.exists(BUSYBOX):
+        pytest.fail("busybox-static is missing: ./scripts/install.sh installs it")
+    root = tmp_path / "rootfs"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy(BUSYBOX, root / "bin" / "busybox")
+    for applet in APPLETS:
+        (root / "bin" / applet).symlink_to("busybox")
+    (root / "etc").mkdir()
+    (root / "etc" / "image-file").write_text("from the image")
+    return root
+
+
+@pytest.fixture(scope="session")
+def probe_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/sandbox_probe.c, built static so it runs in any root."""
+    program = tmp_path_factory.mktemp("probe") / "probe"
+    subprocess.run(["gcc", "-static", "-O1", "-Wall", "-Werror", "-o", str(program),
+                    str(Path(__file__).with_name("sandbox_probe.c"))], check=True)
+    return program
+
+
+@pytest.fixture
+def probe_rootfs(rootfs: Path, probe_program: Path) -> Path:
+    shutil.copy(probe_program, rootfs / "bin" / "probe")
+    return rootfs

@@ -62,7 +62,7 @@ def test_v2_limit_files(tmp_path: Path) -> None:
     assert (group / "memory.max").read_text() == str(64 << 20)
     assert (group / "memory.swap.max").read_text() == "0"
     assert (group / "cpu.max").read_text() == "50000 100000"
-    assert (group / "pids.max").read_text() == "20"
+    assert (group / "pids.max").read_text() == "21", "the 20 and the helper outside"
     assert (group.parent / "cgroup.subtree_control").read_text() == "+pids"   # the last write
 
 
@@ -82,7 +82,7 @@ def test_v2_runs_beside_a_caller_whose_cgroup_holds_processes(tmp_path: Path) ->
     run.create(Limits(pids=20))
     group = unified / "user.slice" / "cowfs-abc"
     assert run.directories == [str(group)]
-    assert (group / "pids.max").read_text() == "20"
+    assert (group / "pids.max").read_text() == "21", "the 20 and the helper outside"
     assert (unified / "user.slice" / "cgroup.subtree_control").read_text() == "+pids"
     assert (unified / "cgroup.subtree_control").read_text() == "cpu memory pids\n", \
         "a controller the root passes on already is not written again"
@@ -99,7 +99,7 @@ def test_v1_limit_files(tmp_path: Path) -> None:
         str(64 << 20)
     assert (base / "cpu/cowfs-abc/cpu.cfs_quota_us").read_text() == "150000"
     assert (base / "cpu/cowfs-abc/cpu.cfs_period_us").read_text() == "100000"
-    assert (base / "pids/cowfs-abc/pids.max").read_text() == "20"
+    assert (base / "pids/cowfs-abc/pids.max").read_text() == "21", "the 20 and the helper outside"
 
 
 def real_hierarchies() -> list[Hierarchy]:

@@ -24,7 +24,7 @@ def make_layers(directory: Path) -> None:
                  directory / "merged"):
         path.mkdir(parents=True)
     shutil.copy(BUSYBOX, base / "bin" / "busybox")
-    for applet in ("sh", "cat", "hostname", "test", "echo"):
+    for applet in ("sh", "cat", "hostname", "test", "echo", "chown"):
         (base / "bin" / applet).symlink_to("busybox")
     (base / "etc" / "os-release").write_text('PRETTY_NAME="busybox base"\n')
     (base / "etc" / "motd").write_text("welcome\n")

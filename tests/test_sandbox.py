@@ -4,7 +4,6 @@ import fcntl
 import os
 import pty
 import select
-import shutil
 import signal
 import struct
 import subprocess
@@ -21,26 +20,8 @@ from cowfs.layers import read_mountinfo
 
 pytestmark = pytest.mark.mounts
 
-BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 # A sleep no other test session runs, so pgrep finds this session's processes only.
 UNIQUE_SECONDS = 300_000 + os.getpid()
-APPLETS = ("sh", "ps", "hostname", "cat", "ls", "echo", "mkdir", "chroot", "grep", "sleep",
-           "stty", "tty")
-
-
-@pytest.fixture
-def rootfs(tmp_path: Path) -> Path:
-    """A root filesystem of one static busybox and its applets."""
-    if not os.path.exists(BUSYBOX):
-        pytest.fail("busybox-static is missing: ./scripts/install.sh installs it")
-    root = tmp_path / "rootfs"
-    (root / "bin").mkdir(parents=True)
-    shutil.copy(BUSYBOX, root / "bin" / "busybox")
-    for applet in APPLETS:
-        (root / "bin" / applet).symlink_to("busybox")
-    (root / "etc").mkdir()
-    (root / "etc" / "image-file").write_text("from the image")
-    return root
 
 
 def leftover_run_mounts() -> list[str]:
@@ -87,18 +68,38 @@ def test_isolation(rootfs: Path, tmp_path: Path) -> None:
     assert first == second, "/.. is /"
 
 
-def test_no_privileges_left(rootfs: Path) -> None:
-    result = shell(rootfs, "grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status;"
-                           "ls /proc/self/fd; echo x > /proc/sys/kernel/hostname && echo WROTE;"
-                           "mkdir /jail; chroot /jail /bin/sh -c 'cd ../../..; ls /' || "
-                           "echo NO-CHROOT")
-    fields = dict(line.split(":\t") for line in result.stdout.splitlines() if ":\t" in line)
-    assert fields == {"CapEff": "0000000000000000", "CapBnd": "0000000000000000",
-                      "NoNewPrivs": "1"}
+# podman's default set: chown dac_override fowner fsetid kill setgid setuid setpcap
+# net_bind_service sys_chroot setfcap.
+DEFAULT_CAPABILITIES = "00000000800405fb"
+
+
+def capability_fields(output: str) -> dict[str, str]:
+    return dict(line.split(":\t") for line in output.splitlines() if ":\t" in line)
+
+
+def test_default_privileges(rootfs: Path) -> None:
+    result = shell(rootfs, "grep -E '^(Cap|NoNewPrivs|Seccomp:)' /proc/self/status;"
+                           "ls /proc/self/fd; echo x > /proc/sys/kernel/hostname && echo WROTE")
+    assert capability_fields(result.stdout) == {
+        "CapEff": DEFAULT_CAPABILITIES, "CapPrm": DEFAULT_CAPABILITIES,
+        "CapBnd": DEFAULT_CAPABILITIES, "CapInh": "0000000000000000",
+        "CapAmb": "0000000000000000", "NoNewPrivs": "1", "Seccomp": "2"}
     assert "WROTE" not in result.stdout
-    assert "NO-CHROOT" in result.stdout
     descriptors = [line for line in result.stdout.splitlines() if line.isdigit()]
     assert descriptors == ["0", "1", "2", "3"], "0-2, and the one ls lists with"
+    user = shell(rootfs, "grep -E '^Cap(Eff|Bnd)' /proc/self/status", "--user", "1000:1000")
+    assert capability_fields(user.stdout) == {"CapEff": "0000000000000000",
+                                              "CapBnd": DEFAULT_CAPABILITIES}
+
+
+def test_a_chroot_escape_ends_at_the_sandbox_root(probe_rootfs: Path) -> None:
+    """CAP_SYS_CHROOT is kept, so the classic escape runs: it climbs to the sandbox's root,
+    since the host's root was unmounted, never to the host's."""
+    escaped = run(str(probe_rootfs), "--", "/bin/probe", "escape")
+    assert set(escaped.stdout.split()) == {".", "..", "bin", "etc", "proc", "dev", "sys",
+                                           "cowfs-probe-jail"}, escaped.stderr
+    refused = run("--cap-drop", "sys_chroot", str(probe_rootfs), "--", "/bin/probe", "escape")
+    assert refused.stdout == "chroot EPERM\n"
 
 
 def test_changes_land_in_the_upper(rootfs: Path, tmp_path: Path) -> None:
@@ -134,6 +135,9 @@ def test_memory_limit_kills_the_payload_and_not_us(rootfs: Path) -> None:
                    "--memory", "64M")
     assert result.returncode == 137
     assert "survived" not in result.stdout
+    assert result.stderr == ("cowfs run: out of memory: the memory limit (64M) killed a "
+                             "process of the payload\n")
+    assert shell(rootfs, "true", "--memory", "6M").returncode == 0, "the smallest limit runs"
     assert no_leftover_cgroups()
 
 
@@ -343,11 +347,23 @@ def test_the_library_api(rootfs: Path, tmp_path: Path) -> None:
         pass
 
 
-@pytest.mark.parametrize("user", ["0:0", "1000:1000"])
-def test_named_capabilities_are_kept(rootfs: Path, user: str) -> None:
-    result = shell(rootfs, "grep -E '^(CapEff|CapBnd)' /proc/self/status", "--user", user,
-                   "--cap-add", "CAP_NET_BIND_SERVICE", "--cap-add", "chown")
-    fields = dict(line.split(":\t") for line in result.stdout.splitlines())
-    assert fields == {"CapEff": "0000000000000401", "CapBnd": "0000000000000401"}
+@pytest.mark.parametrize(("options", "root", "user"), [
+    (("--cap-add", "CAP_SYS_TIME", "--cap-add", "chown"), 0x800405fb | 1 << 25, 1 << 25 | 1),
+    (("--cap-drop", "ALL", "--cap-add", "net_bind_service"), 1 << 10, 1 << 10),
+    (("--cap-drop", "setuid", "--cap-drop", "KILL"), 0x800405fb & ~(1 << 7 | 1 << 5), 0),
+])
+def test_capabilities_added_and_dropped(rootfs: Path, options: tuple[str, ...], root: int,
+                                        user: int) -> None:
+    """Root keeps the set; a non-root user has in effect only what was added by name."""
+    for uid, effective in (("0:0", root), ("1000:1000", user)):
+        result = shell(rootfs, "grep -E '^Cap(Eff|Bnd)' /proc/self/status", "--user", uid,
+                       *options)
+        assert capability_fields(result.stdout) == {"CapEff": f"{effective:016x}",
+                                                    "CapBnd": f"{root:016x}"}, result.stderr
+
+
+def test_capability_names_are_checked(rootfs: Path) -> None:
     unknown = shell(rootfs, "true", "--cap-add", "bogus")
     assert unknown.returncode == 2 and unknown.stderr == "cowfs: unknown capability 'bogus'\n"
+    dropped = shell(rootfs, "true", "--cap-drop", "cap_nothing")
+    assert dropped.returncode == 2 and "unknown capability 'cap_nothing'" in dropped.stderr

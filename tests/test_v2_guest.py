@@ -154,11 +154,12 @@ def test_guest_limits_are_v2_files_that_hold(rootfs: Path, cgroup_writes: list[s
         assert (group / "memory.max").read_text().strip() == str(64 << 20)
         assert (group / "memory.swap.max").read_text().strip() == "0"
         assert (group / "cpu.max").read_text().split() == ["20000", "100000"]
-        assert (group / "pids.max").read_text().strip() == "20"
+        assert (group / "pids.max").read_text().strip() == "21", "and the helper outside"
 
         fill = "cat /dev/zero | head -c 209715200 > /dev/shm/fill; echo survived"
         assert box.run(["/bin/sh", "-c", fill]) == 137
         assert read_keyed(group / "memory.events")["oom_kill"] >= 1
+        assert box.oom_killed
         bomb = "(while :; do sleep 30 & done) 2>/dev/null; exit 0"
         assert box.run(["/bin/sh", "-c", bomb]) == 0
         assert read_keyed(group / "pids.events")["max"] >= 1
