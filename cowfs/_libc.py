@@ -1,7 +1,9 @@
 """The few libc calls `os` lacks, through ctypes. Every failure is an OSError with its errno."""
 
+import contextlib
 import ctypes
 import os
+from collections.abc import Iterator
 
 # The C library this interpreter runs on, already loaded: no ldconfig run to find it.
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -98,6 +100,7 @@ def open_by_handle_at(mount_fd: int, handle_type: int, handle_bytes: bytes, flag
 # unshare(2) / clone(2) flags
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUSER = 0x10000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
@@ -232,3 +235,16 @@ def join_session_keyring() -> None:
     """Leave the caller's session keyring for a new, empty one (keyctl(2))."""
     _check(_libc.syscall(_syscall_number("keyctl"), KEYCTL_JOIN_SESSION_KEYRING, None),
            "keyctl")
+
+
+@contextlib.contextmanager
+def file_ids(uid: int, gid: int) -> Iterator[None]:
+    """Create files as *uid*:*gid* for a while (setfsuid(2), setfsgid(2): this thread only,
+    and the capabilities for files go with a non-zero fsuid until it is 0 again)."""
+    old_gid = _libc.setfsgid(gid)
+    old_uid = _libc.setfsuid(uid)
+    try:
+        yield
+    finally:
+        _libc.setfsuid(old_uid)
+        _libc.setfsgid(old_gid)

@@ -57,6 +57,12 @@ class SandboxConfig:
     capabilities: list[int] = dataclasses.field(default_factory=list)
     ambient: list[int] = dataclasses.field(default_factory=list)
     seccomp_program: str = ""         # hex of the BPF program to load before exec; "" for none
+    # [first host id, count]: the payload's ids 0..count-1 are these host ids, in a user
+    # namespace of its own; [] for none (its root is host root, narrowed).
+    user_namespace: list[int] = dataclasses.field(default_factory=list)
+    masked_paths: list[str] = dataclasses.field(default_factory=lambda: list(MASKED_PATHS))
+    read_only_paths: list[str] = dataclasses.field(
+        default_factory=lambda: list(READ_ONLY_PATHS))
     # cgroup.procs files the helper joins before anything else: the limits hold for PID 1 and
     # the payload, never for the FUSE daemon, which was started before.
     cgroup_procs: list[str] = dataclasses.field(default_factory=list)
@@ -127,7 +133,7 @@ def _forward(pid: int, signum: int) -> None:
 def _init(config: SandboxConfig) -> int:
     """PID 1: build the root, pivot into it, run the payload, reap, pass its status on."""
     _libc.mount("none", "/", None, _libc.MS_REC | _libc.MS_PRIVATE)
-    _prepare_root(config.root)
+    _prepare_root(config)
     socket.sethostname(config.hostname)
     if config.network == "none":
         _loopback_up()
@@ -135,9 +141,18 @@ def _init(config: SandboxConfig) -> int:
     _libc.pivot_root(".", ".")           # the old root stacks under the new one ...
     _libc.umount2(".", _libc.MNT_DETACH)  # ... and goes (pivot_root(2), "new_root == put_old")
     os.chdir("/")
+    unshared, mapped = os.pipe(), os.pipe()       # payload -> PID 1, PID 1 -> payload
     payload = os.fork()
     if payload == 0:
-        _exec_payload(config)
+        os.close(unshared[0])
+        os.close(mapped[1])
+        _exec_payload(config, unshared[1], mapped[0])
+    os.close(unshared[1])
+    os.close(mapped[0])
+    if config.user_namespace:
+        _map_ids(payload, config.user_namespace, unshared[0], mapped[1])
+    os.close(unshared[0])
+    os.close(mapped[1])
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, lambda signum, _frame: _forward(payload, signum))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)   # what came meanwhile
@@ -147,14 +162,43 @@ def _init(config: SandboxConfig) -> int:
             return exit_code(status)
 
 
+def _map_ids(payload: int, user_namespace: list[int], unshared: int, mapped: int) -> None:
+    """Write the new user namespace's maps: only a process outside it, with CAP_SETUID and
+    CAP_SETGID there, may map more than its own id. The payload waits for the word."""
+    if os.read(unshared, 1) != b"u":
+        return                                    # the payload failed before; it says why
+    first, count = user_namespace
+    try:
+        for name in ("uid_map", "gid_map"):
+            with open(f"/proc/{payload}/{name}", "w") as file:
+                file.write(f"0 {first} {count}\n")
+    except OSError as exc:
+        print(f"cowfs run: cannot map the user namespace to host ids {first}-"
+              f"{first + count - 1}: {exc.strerror}", file=sys.stderr)
+        return                                    # the payload reads EOF and gives up
+    os.write(mapped, b"m")
+
+
 def _mkdir(path: str) -> str:
     os.makedirs(path, exist_ok=True)
     return path
 
 
-def _prepare_root(root: str) -> None:
+def _prepare_root(config: SandboxConfig) -> None:
     """/proc of the new pid namespace, a small /dev, a read-only /sys; sensitive paths masked."""
+    root = config.root
     secure = _libc.MS_NOSUID | _libc.MS_NODEV | _libc.MS_NOEXEC
+    # Mount points the image lacks are made as its root: in a user namespace, as the host id
+    # that stands for it (as host root they would land in the upper as the overflow id).
+    owner = config.user_namespace[0] if config.user_namespace else 0
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY)   # as host root: the way to it
+    try:
+        with _libc.file_ids(owner, owner):
+            for name in ("proc", "dev", "sys"):
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o755, dir_fd=root_fd)
+    finally:
+        os.close(root_fd)
     proc = _mkdir(os.path.join(root, "proc"))
     _libc.mount("proc", proc, "proc", secure)
     dev = _mkdir(os.path.join(root, "dev"))
@@ -180,9 +224,9 @@ def _prepare_root(root: str) -> None:
         _libc.mount("/sys", sys_dir, None, _libc.MS_BIND | _libc.MS_REC)
         _libc.mount("/sys", sys_dir, None,
                     _libc.MS_BIND | _libc.MS_REMOUNT | _libc.MS_RDONLY | secure)
-    for path in READ_ONLY_PATHS:
+    for path in config.read_only_paths:
         _read_only(os.path.join(root, path))
-    for path in MASKED_PATHS:
+    for path in config.masked_paths:
         _mask(os.path.join(root, path))
 
 
@@ -223,13 +267,22 @@ def _loopback_up() -> None:
         fcntl.ioctl(sock, _SIOCSIFFLAGS, _IFREQ.pack(b"lo", flags | _IFF_UP))
 
 
-def _exec_payload(config: SandboxConfig) -> None:
-    """Become the payload: its user, its capabilities, a fresh session keyring, no new
-    privileges, the syscall filter, only fds 0-2."""
+def _exec_payload(config: SandboxConfig, unshared: int, mapped: int) -> None:
+    """Become the payload: its user namespace, user, capabilities, a fresh session keyring,
+    no new privileges, the syscall filter, only fds 0-2."""
     try:
         for signum in FORWARDED_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+        if config.user_namespace:
+            # Its own, owning none of the sandbox's other namespaces (PID 1 made those as host
+            # root): root in it has capabilities over its own files and nothing else.
+            _libc.unshare(_libc.CLONE_NEWUSER)
+            os.write(unshared, b"u")
+            if os.read(mapped, 1) != b"m":
+                os._exit(127)
+        os.close(unshared)
+        os.close(mapped)
         bounding = frozenset(config.capabilities)
         kept = bounding if config.uid == 0 else bounding & frozenset(config.ambient)
         with open("/proc/sys/kernel/cap_last_cap") as cap_last_cap:

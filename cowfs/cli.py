@@ -18,7 +18,7 @@ from cowfs.layers import (
     read_mountinfo,
     unmount,
 )
-from cowfs.sandbox import Sandbox, SandboxError, sweep_leftovers
+from cowfs.sandbox import Sandbox, SandboxError, check_run_options, sweep_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ EXIT_CODES_HELP = f"""exit status:
   {EXIT_USAGE}   bad arguments, options or layer layout
   {EXIT_MOUNT_FAILED}  the mount could not be made or unmade
 """
+# The host ids of a --userns payload's 0..65535: podman's and /etc/subuid's usual first range.
+DEFAULT_USERNS = "100000:65536"
 SUBCOMMANDS = ("mount", "umount", "run", "cleanup", "demo", "layer", "image")
 
 
@@ -101,7 +103,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     run.add_argument("--cap-drop", action="append", default=[], metavar="CAPABILITY",
                      help="a capability of the default set to drop, or ALL")
     run.add_argument("--security-opt", action="append", default=[], metavar="OPTION",
-                     help="seccomp=unconfined: run without the syscall filter")
+                     help="seccomp=unconfined: run without the syscall filter; "
+                          "unmask=ALL|PATH[:PATH...]: leave /proc and /sys paths as they are")
+    run.add_argument("--userns", action="store_true",
+                     help="root inside is an unprivileged host id (see --userns-ids)")
+    run.add_argument("--userns-ids", metavar="FIRST:COUNT",
+                     help=f"the host ids of the payload's 0..COUNT-1 (default {DEFAULT_USERNS}; "
+                          "implies --userns)")
     run.add_argument("--net", choices=("none", "host"), default="none",
                      help="none: a network namespace with lo only (default); host: the host's")
 
@@ -375,14 +383,18 @@ def _run(arguments: argparse.Namespace) -> int:
         environment[key] = value
     if arguments.commit and os.path.lexists(arguments.commit):
         raise CliError(f"--commit: layer directory {arguments.commit} exists already")
-    seccomp = _parse_security_options(arguments.security_opt)
+    seccomp, unmask = _parse_security_options(arguments.security_opt)
+    userns = None
+    if arguments.userns or arguments.userns_ids:
+        userns = _parse_userns(arguments.userns_ids or DEFAULT_USERNS)
+    check_run_options(arguments.cap_add, arguments.cap_drop, unmask, (uid, gid), userns)
     with Sandbox(arguments.layers, upper=arguments.upper, memory=arguments.memory,
-                 cpus=arguments.cpus, pids=arguments.pids) as box:
+                 cpus=arguments.cpus, pids=arguments.pids, userns=userns) as box:
         try:
             code = box.run(arguments.payload, hostname=arguments.hostname, env=environment,
                            workdir=arguments.workdir, user=(uid, gid), network=arguments.net,
                            cap_add=arguments.cap_add, cap_drop=arguments.cap_drop,
-                           seccomp=seccomp, on_start=_forward_signals)
+                           seccomp=seccomp, unmask=unmask, on_start=_forward_signals)
         finally:
             for signum in RUN_SIGNALS:
                 signal.signal(signum, signal.SIG_IGN)
@@ -394,16 +406,27 @@ def _run(arguments: argparse.Namespace) -> int:
         return code
 
 
-def _parse_security_options(options: list[str]) -> bool:
-    """Whether the syscall filter is on, from podman's `--security-opt` spellings."""
-    seccomp = True
+def _parse_security_options(options: list[str]) -> tuple[bool, list[str]]:
+    """(whether the syscall filter is on, the paths to unmask) from podman's `--security-opt`
+    spellings."""
+    seccomp, unmask = True, []
     for option in options:
         key, _, value = option.partition("=")
-        if key != "seccomp" or value not in ("unconfined", "default"):
-            raise CliError(f"--security-opt: expected seccomp=unconfined or seccomp=default, "
-                           f"not {option!r}")
-        seccomp = value == "default"
-    return seccomp
+        if key == "seccomp" and value in ("unconfined", "default"):
+            seccomp = value == "default"
+        elif key == "unmask" and value:
+            unmask += value.split(":")
+        else:
+            raise CliError(f"--security-opt: expected seccomp=unconfined, seccomp=default or "
+                           f"unmask=ALL|PATH[:PATH...], not {option!r}")
+    return seccomp, unmask
+
+
+def _parse_userns(text: str) -> tuple[int, int]:
+    first, _, count = text.partition(":")
+    if not first.isdigit() or not count.isdigit():
+        raise CliError(f"--userns-ids expects FIRST:COUNT, not {text!r}")
+    return int(first), int(count)
 
 
 def _forward_signals(helper: int) -> None:

@@ -53,7 +53,16 @@ class Sandbox:
 
     def __init__(self, layers: str | Sequence[str], *, upper: str | None = None,
                  memory: str | int | None = None, cpus: float | None = None,
-                 pids: int | None = None) -> None:
+                 pids: int | None = None, userns: tuple[int, int] | None = None) -> None:
+        """*userns* (first host id, count) runs each command in a user namespace of its own,
+        its ids 0..count-1 being those host ids; the mount then shows the image's owners
+        shifted by as much, so the payload sees them as the image has them."""
+        if userns is not None:
+            first, count = userns
+            if first < 1 or count < 1 or first + count > 1 << 32:
+                raise SandboxError(f"--userns-ids: host ids {first}:{count} are not a range of "
+                                   "unprivileged ids (FIRST >= 1, COUNT >= 1)")
+        self.userns = userns
         self.lowers = parse_lowerdirs(layers) if isinstance(layers, str) else list(layers)
         self.kept_upper = upper
         try:
@@ -94,8 +103,10 @@ class Sandbox:
         made = _make_directories(self.upper)
         workdir = None if self.kept_upper else os.path.join(self.scratch, "work")
         try:
+            mapping = ((0, *self.userns),) if self.userns else ()
             self.mount = handle.mount_stack(self.lowers, self.merged,
                                             upper=self.upper, workdir=workdir,
+                                            uidmapping=mapping, gidmapping=mapping,
                                             while_starting=_seccomp.preload)
         except LayoutError as exc:
             _remove_made(made)          # a refused mount leaves no upper it made
@@ -110,20 +121,22 @@ class Sandbox:
             env: dict[str, str] | None = None, workdir: str = "/",
             user: tuple[int, int] = (0, 0), network: str = "none",
             cap_add: Sequence[str] = (), cap_drop: Sequence[str] = (), seccomp: bool = True,
-            on_start: Callable[[int], None] | None = None) -> int:
+            unmask: Sequence[str] = (), on_start: Callable[[int], None] | None = None) -> int:
         """Run *command* in new namespaces; its exit status, 128+n if signal n ended it.
 
         The payload keeps DEFAULT_CAPABILITIES, less *cap_drop*, plus *cap_add* (names such
         as `net_bind_service`, or `ALL`); a non-root user gets only the added ones in effect.
-        *seccomp* False runs it without the syscall filter. *on_start* gets the pid of the
-        helper process, to which a caller may forward signals.
+        *seccomp* False runs it without the syscall filter; *unmask* names /proc and /sys paths
+        to leave as they are (`ALL`: every masked and read-only one). *on_start* gets the pid
+        of the helper process, to which a caller may forward signals.
         """
         if network not in ("none", "host"):
             raise SandboxError(f"network must be none or host, not {network!r}")
+        bounding, added, masked, read_only = check_run_options(cap_add, cap_drop, unmask, user,
+                                                               self.userns)
         try:
-            bounding, added = resolve_capabilities(cap_add, cap_drop)
             program = _seccomp.build(bounding).hex() if seccomp else ""
-        except (ValueError, _seccomp.SeccompError) as exc:
+        except _seccomp.SeccompError as exc:
             raise SandboxError(str(exc)) from None
         environment = SandboxConfig(root="", command=[]).environment
         environment.update(env or {})
@@ -132,6 +145,8 @@ class Sandbox:
                                environment=environment, workdir=workdir, uid=user[0],
                                gid=user[1], network=network, capabilities=sorted(bounding),
                                ambient=sorted(added), seccomp_program=program,
+                               user_namespace=list(self.userns or ()), masked_paths=masked,
+                               read_only_paths=read_only,
                                cgroup_procs=[os.path.join(directory, "cgroup.procs")
                                              for directory in self.cgroups.directories])
         kills_before = self.cgroups.oom_kills()
@@ -195,6 +210,34 @@ def resolve_capabilities(cap_add: Sequence[str],
     return (defaults - dropped) | added, added
 
 
+def check_run_options(cap_add: Sequence[str] = (), cap_drop: Sequence[str] = (),
+                      unmask: Sequence[str] = (), user: tuple[int, int] = (0, 0),
+                      userns: tuple[int, int] | None = None
+                      ) -> tuple[frozenset[int], frozenset[int], list[str], list[str]]:
+    """`Sandbox.run`'s capabilities and unmasked paths, resolved, or SandboxError: a caller
+    checks them before it mounts anything."""
+    if userns is not None and max(user) >= userns[1]:
+        raise SandboxError(f"--user {user[0]}:{user[1]} is outside the user namespace's ids "
+                           f"0-{userns[1] - 1}")
+    try:
+        bounding, added = resolve_capabilities(cap_add, cap_drop)
+    except ValueError as exc:
+        raise SandboxError(str(exc)) from None
+    return (bounding, added, *_unmasked(unmask))
+
+
+def _unmasked(unmask: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The masked and read-only paths left once *unmask* (paths, or ALL) is taken out."""
+    masked, read_only = _sandbox_helper.MASKED_PATHS, _sandbox_helper.READ_ONLY_PATHS
+    if any(path.upper() == "ALL" for path in unmask):
+        return [], []
+    wanted = {path.strip("/") for path in unmask}
+    if unknown := sorted(wanted - set(masked) - set(read_only)):
+        raise SandboxError(f"unmask: /{unknown[0]} is neither masked nor read-only")
+    return ([path for path in masked if path not in wanted],
+            [path for path in read_only if path not in wanted])
+
+
 def _make_directories(path: str) -> list[str]:
     """Make *path* and its missing parents; returns those made, deepest first."""
     made = []
@@ -236,15 +279,17 @@ def _start_helper(config: SandboxConfig) -> int:
 
 def run(layers: str | Sequence[str], command: Sequence[str], *, upper: str | None = None,
         commit: str | None = None, memory: str | int | None = None, cpus: float | None = None,
-        pids: int | None = None, **options: object) -> int:
+        pids: int | None = None, userns: tuple[int, int] | None = None,
+        **options: object) -> int:
     """Run one command in a fresh sandbox and tear it down; its exit status.
 
     *options* are `Sandbox.run`'s: hostname, env, workdir, user, network, cap_add, cap_drop,
-    seccomp, on_start.
+    seccomp, unmask, on_start.
     """
     if commit and os.path.lexists(commit):
         raise SandboxError(f"commit: layer directory {commit} exists already")
-    with Sandbox(layers, upper=upper, memory=memory, cpus=cpus, pids=pids) as box:
+    with Sandbox(layers, upper=upper, memory=memory, cpus=cpus, pids=pids,
+                 userns=userns) as box:
         code = box.run(command, **options)  # type: ignore[arg-type]
         if commit:
             box.commit(commit)

@@ -106,8 +106,11 @@ def test_namespaces_and_mounts_need_sys_admin(probe_rootfs: Path) -> None:
     (("--cpus", "-1"), f"--cpus must be from 0.01 to {os.cpu_count()} (the CPUs here), not -1"),
     (("--memory", "0"), "--memory must be at least 6M, not 0 bytes"),
     (("--memory", "1K"), "--memory must be at least 6M, not 1024 bytes"),
-    (("--security-opt", "seccomp=off"),
-     "--security-opt: expected seccomp=unconfined or seccomp=default, not 'seccomp=off'"),
+    (("--security-opt", "seccomp=off"), "--security-opt: expected seccomp=unconfined, "
+     "seccomp=default or unmask=ALL|PATH[:PATH...], not 'seccomp=off'"),
+    (("--security-opt", "unmask=/proc/self"), "unmask: /proc/self is neither masked nor "
+     "read-only"),
+    (("--cap-add", "bogus"), "unknown capability 'bogus'"),
 ])
 def test_bad_limits_are_refused_before_anything_starts(rootfs: Path, tmp_path: Path,
                                                       options: tuple[str, ...],
@@ -139,3 +142,60 @@ def test_dpkg_installs_a_package_with_the_default_capabilities(tmp_path: Path) -
     assert without.returncode != 0 and "Operation not permitted" in without.stderr
     assert not leftover_run_mounts()
 
+
+
+AFFINITY = "/proc/irq/default_smp_affinity"
+
+
+def test_a_user_namespace_keeps_the_holes_closed_without_the_other_defences(
+        probe_rootfs: Path, host_secret: str, tmp_path: Path) -> None:
+    """With the filter off and nothing masked, root in its own user namespace is host id
+    100000: the host's keys are not its keys, host-wide /proc files are not its files; and what
+    it creates lands in the upper with the ids the image uses."""
+    upper = tmp_path / "upper"
+    script = (f"id; cat /proc/self/uid_map; /bin/probe key {host_secret};"
+              f"cat {AFFINITY} > {AFFINITY} || echo refused;"
+              "touch /created; mkdir /owned; chown 1000:1000 /owned; ls -ln /bin/busybox;"
+              "hostname other 2>/dev/null || echo no-hostname")
+    loosened = ("--security-opt", "seccomp=unconfined", "--security-opt", "unmask=ALL")
+    result = shell(probe_rootfs, script, "--userns", "--upper", str(upper), *loosened)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "uid=0 gid=0"
+    assert lines[1].split() == ["0", "100000", "65536"]
+    assert lines[2:4] == ["search ENOKEY", "refused"]
+    assert lines[4].split()[2:4] == ["0", "0"], "the image's root owns its files, seen inside"
+    assert lines[5] == "no-hostname", "the uts namespace is not the payload's"
+    assert f"can't create {AFFINITY}: Permission denied" in result.stderr
+    ids = {name: (os.lstat(upper / name).st_uid, os.lstat(upper / name).st_gid)
+           for name in ("created", "owned", "proc")}
+    assert ids == {"created": (0, 0), "owned": (1000, 1000), "proc": (0, 0)}
+    # The same loosening without a user namespace: host root writes the host's IRQ routing.
+    host_root = shell(probe_rootfs, f"cat {AFFINITY} > {AFFINITY} && echo wrote", *loosened)
+    assert host_root.stdout == "wrote\n"
+
+
+def test_dpkg_installs_in_a_user_namespace(tmp_path: Path) -> None:
+    root = make_dpkg_rootfs(tmp_path)
+    image = tmp_path / "image"
+    image.mkdir()
+    os.rename(make_deb(tmp_path), image / "hello.deb")
+    upper = tmp_path / "upper"
+    result = run("--userns", "--upper", str(upper), f"{image}:{root}", "--", "/bin/sh", "-c",
+                 install_command("/hello.deb"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-2:] == ["install ok installed", "1:1"]
+    owned = os.lstat(upper / "usr/share/cowfs-hello/owned-by-daemon")
+    assert (owned.st_uid, owned.st_gid) == (1, 1)
+    assert os.lstat(upper / "var/lib/dpkg/status").st_uid == 0
+
+
+@pytest.mark.parametrize(("ids", "message"), [
+    ("0:65536", "--userns-ids: host ids 0:65536 are not a range of unprivileged ids "
+                "(FIRST >= 1, COUNT >= 1)"),
+    ("100000", "--userns-ids expects FIRST:COUNT, not '100000'"),
+    ("200000:1000", "--user 5000:5000 is outside the user namespace's ids 0-999"),
+])
+def test_bad_user_namespace_ids_are_refused(rootfs: Path, ids: str, message: str) -> None:
+    result = shell(rootfs, "true", "--userns-ids", ids, "--user", "5000:5000")
+    assert (result.returncode, result.stderr) == (2, f"cowfs: {message}\n")
