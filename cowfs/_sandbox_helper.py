@@ -199,9 +199,9 @@ def _prepare_root(config: SandboxConfig) -> None:
                     os.mkdir(name, 0o755, dir_fd=root_fd)
     finally:
         os.close(root_fd)
-    proc = _mkdir(os.path.join(root, "proc"))
+    proc = os.path.join(root, "proc")
     _libc.mount("proc", proc, "proc", secure)
-    dev = _mkdir(os.path.join(root, "dev"))
+    dev = os.path.join(root, "dev")
     _libc.mount("tmpfs", dev, "tmpfs", _libc.MS_NOSUID | _libc.MS_NOEXEC, "mode=755,size=65536k")
     for name in DEVICES:
         node = os.path.join(dev, name)
@@ -216,7 +216,7 @@ def _prepare_root(config: SandboxConfig) -> None:
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, os.path.join(dev, name))
-    sys_dir = _mkdir(os.path.join(root, "sys"))
+    sys_dir = os.path.join(root, "sys")
     try:
         _libc.mount("sysfs", sys_dir, "sysfs", _libc.MS_RDONLY | secure)
     except PermissionError:

@@ -18,6 +18,8 @@ import contextlib
 import errno
 import os
 
+from cowfs import _libc
+
 # family -> the syscalls it denies; a family is what a test probes and a user reads about.
 HOST_WIDE = {
     "kexec": ("kexec_load", "kexec_file_load"),
@@ -47,9 +49,10 @@ NAMESPACES = {
 }
 # clone(2) with one of these flags makes a namespace; clone3 answers ENOSYS (its flags sit in
 # memory a filter cannot read), so the C library falls back to clone, which is checked.
-CLONE_NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000,
-                         0x20000000, 0x40000000)
-CAP_SYS_ADMIN = 21
+CLONE_NAMESPACE_FLAGS = (_libc.CLONE_NEWNS, _libc.CLONE_NEWCGROUP, _libc.CLONE_NEWUTS,
+                         _libc.CLONE_NEWIPC, _libc.CLONE_NEWUSER, _libc.CLONE_NEWPID,
+                         _libc.CLONE_NEWNET)
+CAP_SYS_ADMIN = _libc.capability_number("sys_admin")
 
 
 class SeccompError(Exception):
@@ -92,11 +95,7 @@ def build(capabilities: frozenset[int]) -> bytes:
         for flag in CLONE_NAMESPACE_FLAGS:
             profile.add_rule(denied, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag))
         profile.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
-    memory = os.memfd_create("cowfs-seccomp")
-    try:
-        with os.fdopen(memory, "w+b", closefd=False) as program:
-            profile.export_bpf(program)
-            program.seek(0)
-            return program.read()
-    finally:
-        os.close(memory)
+    with os.fdopen(os.memfd_create("cowfs-seccomp"), "w+b") as program:
+        profile.export_bpf(program)
+        program.seek(0)
+        return program.read()

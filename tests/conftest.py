@@ -259,16 +259,21 @@ APPLETS = ("sh", "ps", "hostname", "cat", "ls", "echo", "mkdir", "chroot", "grep
            "stty", "tty", "true", "touch")
 
 
+def busybox_root(root: Path, applets: tuple[str, ...] = APPLETS) -> Path:
+    """*root* with bin/busybox, the host's static one, and *applets* linked to it."""
+    if not os.path.exists(BUSYBOX):
+        pytest.fail("busybox-static is missing: ./scripts/install.sh installs it")
+    (root / "bin").mkdir(parents=True)
+    shutil.copy(BUSYBOX, root / "bin" / "busybox")
+    for applet in applets:
+        (root / "bin" / applet).symlink_to("busybox")
+    return root
+
+
 @pytest.fixture
 def rootfs(tmp_path: Path) -> Path:
     """A root filesystem of one static busybox and its applets."""
-    if not os.path.exists(BUSYBOX):
-        pytest.fail("busybox-static is missing: ./scripts/install.sh installs it")
-    root = tmp_path / "rootfs"
-    (root / "bin").mkdir(parents=True)
-    shutil.copy(BUSYBOX, root / "bin" / "busybox")
-    for applet in APPLETS:
-        (root / "bin" / applet).symlink_to("busybox")
+    root = busybox_root(tmp_path / "rootfs")
     (root / "etc").mkdir()
     (root / "etc" / "image-file").write_text("from the image")
     return root

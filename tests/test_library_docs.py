@@ -1,12 +1,12 @@
 """Every Python example in docs/library.md runs, as written, against real layers."""
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import busybox_root
 
 from cowfs.layers import read_mountinfo
 
@@ -14,18 +14,14 @@ pytestmark = pytest.mark.mounts
 
 DOCUMENT = Path(__file__).parent.parent / "docs" / "library.md"
 EXAMPLES = re.findall(r"```python\n(.*?)```", DOCUMENT.read_text(), flags=re.DOTALL)
-BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 
 
 def make_layers(directory: Path) -> None:
     """The directory the document describes: layers/app over layers/base (busybox)."""
     base, app = directory / "layers" / "base", directory / "layers" / "app"
-    for path in (base / "bin", base / "etc", app / "etc", directory / "upper",
-                 directory / "merged"):
+    busybox_root(base, ("sh", "cat", "hostname", "test", "echo", "chown"))
+    for path in (base / "etc", app / "etc", directory / "upper", directory / "merged"):
         path.mkdir(parents=True)
-    shutil.copy(BUSYBOX, base / "bin" / "busybox")
-    for applet in ("sh", "cat", "hostname", "test", "echo", "chown"):
-        (base / "bin" / applet).symlink_to("busybox")
     (base / "etc" / "os-release").write_text('PRETTY_NAME="busybox base"\n')
     (base / "etc" / "motd").write_text("welcome\n")
     (app / "etc" / "app.conf").write_text("default\n")

@@ -16,14 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import is_mounted, unmount_quietly, wait_until
+from conftest import busybox_root, is_mounted, unmount_quietly, wait_until
 
 from cowfs.layers import read_mountinfo
 
 pytestmark = pytest.mark.mounts
 
 COWFS = os.path.join(os.path.dirname(sys.executable), "cowfs")
-BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 APPLETS = ("sh", "cat", "ls", "echo", "rm", "id", "sleep", "mkdir", "touch", "true")
 IMAGE = "localhost/bb:1"
 PODMAN_TIMEOUT_S = 60
@@ -140,10 +139,7 @@ def cowfs_daemons_at(merged: str) -> list[int]:
 
 def make_rootfs(root: Path) -> None:
     """One static busybox, its applets, and a file in /etc for the layers above to delete."""
-    (root / "bin").mkdir(parents=True)
-    shutil.copy(BUSYBOX, root / "bin" / "busybox")
-    for applet in APPLETS:
-        (root / "bin" / applet).symlink_to("busybox")
+    busybox_root(root, APPLETS)
     (root / "etc").mkdir()
     (root / "etc" / "base-file").write_text("from the image\n")
     (root / "tmp").mkdir()
@@ -156,8 +152,6 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
     for program in ("podman", "runc", "conmon"):
         if shutil.which(program) is None:
             pytest.fail(f"{program} is missing: ./scripts/install.sh installs it")
-    if not os.path.exists(BUSYBOX):
-        pytest.fail("busybox-static is missing: ./scripts/install.sh installs it")
     if not os.access(COWFS, os.X_OK):
         pytest.fail(f"{COWFS} is missing: ./scripts/install.sh installs it")
     base = tmp_path_factory.mktemp("podman")
