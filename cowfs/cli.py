@@ -199,6 +199,8 @@ def _dispatch(argv: list[str]) -> int:
     parser, commands = build_parser()
     if argv and argv[0] == "run":
         if "--" not in argv:
+            if {"-h", "--help"} & set(argv[1:]):
+                commands["run"].parse_args(["--help"])
             commands["run"].error("the command to run follows --")
         split = argv.index("--")
         arguments = commands["run"].parse_args(argv[1:split])

@@ -1,5 +1,6 @@
 """A few-MB root filesystem, copied from the host's own dpkg and busybox, and a tiny .deb, so a
-test can run a real `dpkg -i` (unpack, fsync, rename, postinst chown) on a cowfs mount without
+test can run a real `dpkg -i` (unpack, fsync, rename, postinst chown) and `useradd` (lock files
+made by hard links, /etc/passwd replaced by a rename, a home chowned) on a cowfs mount without
 debootstrap or the network."""
 
 import functools
@@ -14,7 +15,8 @@ BUSYBOX = "/usr/bin/busybox"
 # check for a split one, and refuses to run unless start-stop-daemon is on PATH; dpkg-deb
 # extracts control.tar with GNU tar (it passes --warning=no-timestamp, which busybox rejects).
 LINKED_PROGRAMS = ("/usr/bin/dpkg", "/usr/bin/dpkg-deb", "/usr/bin/dpkg-query",
-                   "/usr/bin/dpkg-split", "/usr/sbin/start-stop-daemon", "/usr/bin/tar")
+                   "/usr/bin/dpkg-split", "/usr/sbin/start-stop-daemon", "/usr/bin/tar",
+                   "/usr/sbin/useradd")
 # Static, so no libraries: dpkg's PATH check insists on ldconfig too.
 STATIC_PROGRAMS = ("/usr/sbin/ldconfig",)
 # The shell and the tools dpkg, dpkg-deb and maintainer scripts call, plus a few for the tests
@@ -81,6 +83,13 @@ def make_dpkg_rootfs(directory: Path) -> Path:
     (root / "usr/sbin/nologin").symlink_to("../bin/busybox")
     (root / "etc/passwd").write_text(PASSWD)
     (root / "etc/group").write_text(GROUP)
+    (root / "etc/shadow").write_text("".join(f"{line.split(':')[0]}:*:20000:0:99999:7:::\n"
+                                             for line in PASSWD.splitlines()))
+    (root / "etc/shadow").chmod(0o640)
+    (root / "etc/skel").mkdir(mode=0o755)
+    (root / "etc/skel/.profile").write_text("# the skeleton useradd -m copies\n")
+    (root / "home").mkdir(mode=0o755)
+    shutil.copy2("/etc/login.defs", root / "etc/login.defs")
     (root / "etc/dpkg/dpkg.cfg").write_text("log /var/log/dpkg.log\n")
     for name in ("status", "available", "diversions", "statoverride", "triggers/File",
                  "triggers/Unincorp"):
@@ -125,3 +134,13 @@ def install_command(deb_inside: str = "/tmp/hello.deb", name: str = "cowfs-hello
             f"/usr/bin/dpkg -i {deb_inside}\n"
             f"/usr/bin/dpkg-query -W -f='${{Status}}\\n' {name}\n"
             f"stat -c %u:%g /usr/share/{name}/owned-by-daemon\n")
+
+
+def useradd_command(name: str = "alice", uid: int = 1000) -> str:
+    """A script that adds a user with a home from /etc/skel, then prints `id` of it and the
+    owner of its home and of the copied .profile (expect three lines of their own)."""
+    return ("export PATH=/usr/sbin:/usr/bin:/sbin:/bin\n"
+            "set -e\n"
+            f"useradd -m -u {uid} -s /bin/sh {name}\n"
+            f"id {name}\n"
+            f"stat -c %u:%g /home/{name} /home/{name}/.profile\n")

@@ -56,6 +56,9 @@ def test_version_help_and_module_entry_point() -> None:
     for word in ("mount", "umount", "exit status"):
         assert word in help_text.stdout
     assert run_cowfs("mount", "--help").stdout.startswith("usage: cowfs mount")
+    run_help = run_cowfs("run", "-h")
+    assert (run_help.returncode, run_help.stderr) == (0, "")
+    assert "--cap-drop" in run_help.stdout
     console = subprocess.run(["cowfs", "--version"], capture_output=True, text=True, check=False,
                              env={**os.environ, "PATH": f"{Path(sys.executable).parent}:"
                                   f"{os.environ['PATH']}"})

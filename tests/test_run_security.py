@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from dpkg_rootfs import install_command, make_deb, make_dpkg_rootfs
+from dpkg_rootfs import install_command, make_deb, make_dpkg_rootfs, useradd_command
 from test_sandbox import leftover_run_mounts, no_leftover_cgroups, run, shell
 
 from cowfs import _sandbox_helper, seccomp
@@ -122,9 +122,10 @@ def test_bad_limits_are_refused_before_anything_starts(rootfs: Path, tmp_path: P
     assert no_leftover_cgroups()
 
 
-def test_dpkg_installs_a_package_with_the_default_capabilities(tmp_path: Path) -> None:
-    """dpkg unpacks, renames over, and chowns in its postinst: root's default set is enough,
-    and the package lands in the upper as the image expects it."""
+def test_dpkg_and_useradd_work_with_the_default_capabilities(tmp_path: Path) -> None:
+    """dpkg unpacks, renames over, and chowns in its postinst; useradd locks with hard links,
+    renames over /etc/passwd and chowns a home: root's default set is enough for both, and
+    what they write lands in the upper as the image expects it."""
     root = make_dpkg_rootfs(tmp_path)
     deb = make_deb(tmp_path)
     image = tmp_path / "image"
@@ -132,11 +133,15 @@ def test_dpkg_installs_a_package_with_the_default_capabilities(tmp_path: Path) -
     os.rename(deb, image / "hello.deb")
     upper = tmp_path / "upper"
     result = run("--upper", str(upper), f"{image}:{root}", "--", "/bin/sh", "-c",
-                 install_command("/hello.deb"))
+                 install_command("/hello.deb") + useradd_command())
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-2:] == ["install ok installed", "1:1"]
+    assert result.stdout.splitlines()[-5:] == [
+        "install ok installed", "1:1", "uid=1000(alice) gid=1000(alice) groups=1000(alice)",
+        "1000:1000", "1000:1000"]
     owned = upper / "usr/share/cowfs-hello/owned-by-daemon"
     assert (os.lstat(owned).st_uid, os.lstat(owned).st_gid) == (1, 1)
+    assert "alice:x:1000:1000" in (upper / "etc/passwd").read_text()
+    assert os.lstat(upper / "etc/shadow").st_mode & 0o777 == 0o640
     without = run(f"{image}:{root}", "--cap-drop", "chown", "--", "/bin/sh", "-c",
                   install_command("/hello.deb"))
     assert without.returncode != 0 and "Operation not permitted" in without.stderr
@@ -175,19 +180,23 @@ def test_a_user_namespace_keeps_the_holes_closed_without_the_other_defences(
     assert host_root.stdout == "wrote\n"
 
 
-def test_dpkg_installs_in_a_user_namespace(tmp_path: Path) -> None:
+def test_dpkg_and_useradd_work_in_a_user_namespace(tmp_path: Path) -> None:
     root = make_dpkg_rootfs(tmp_path)
     image = tmp_path / "image"
     image.mkdir()
     os.rename(make_deb(tmp_path), image / "hello.deb")
     upper = tmp_path / "upper"
     result = run("--userns", "--upper", str(upper), f"{image}:{root}", "--", "/bin/sh", "-c",
-                 install_command("/hello.deb"))
+                 install_command("/hello.deb") + useradd_command())
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-2:] == ["install ok installed", "1:1"]
+    assert result.stdout.splitlines()[-5:] == [
+        "install ok installed", "1:1", "uid=1000(alice) gid=1000(alice) groups=1000(alice)",
+        "1000:1000", "1000:1000"]
     owned = os.lstat(upper / "usr/share/cowfs-hello/owned-by-daemon")
     assert (owned.st_uid, owned.st_gid) == (1, 1)
     assert os.lstat(upper / "var/lib/dpkg/status").st_uid == 0
+    home = os.lstat(upper / "home/alice")
+    assert (home.st_uid, home.st_gid) == (1000, 1000), "the image's ids, not the host's"
 
 
 @pytest.mark.parametrize(("ids", "message"), [
