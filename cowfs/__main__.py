@@ -1,5 +1,5 @@
 import sys
 
-from cowfs.cli import main
+from cowfs.client import main
 
 sys.exit(main())

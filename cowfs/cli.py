@@ -35,7 +35,12 @@ EXIT_CODES_HELP = f"""exit status:
 """
 # The host ids of a --userns payload's 0..65535: podman's and /etc/subuid's usual first range.
 DEFAULT_USERNS = "100000:65536"
-SUBCOMMANDS = ("mount", "umount", "run", "cleanup", "demo", "layer", "image")
+SUBCOMMANDS = ("mount", "umount", "run", "cleanup", "demo", "layer", "image", "supervisor")
+
+
+class FreshProcessNeeded(Exception):
+    """The command needs an interpreter that has loaded nothing yet (a warm process that
+    loaded the kernel-cache library cannot mount without it)."""
 
 
 class CliError(Exception):
@@ -115,6 +120,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     commands.add_parser("cleanup", help="remove what killed `cowfs run`s left behind")
 
+    supervisor = commands.add_parser(
+        "supervisor", help="the warm start of mount, umount and run",
+        description="A process that has imported cowfs once and forks a process per command: "
+                    "`cowfs mount` then costs milliseconds, not a Python start. Commands start "
+                    "it when it is not running; `run` serves in the foreground (a service).")
+    supervisor.add_argument("action", choices=("run", "start", "stop", "status"))
+
     demo = commands.add_parser("demo", help="mount the example image and show its layers")
     demo.add_argument("image", nargs="?", metavar="IMAGE_DIR",
                       help="a directory of layer directories (default: the repo's example)")
@@ -178,6 +190,33 @@ def command_oci(arguments: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def command_supervisor(action: str) -> int:
+    from cowfs import client, supervisor
+    path = client.socket_path()
+    if path is None:
+        raise CliError("no runtime directory for the supervisor: set XDG_RUNTIME_DIR "
+                       "(or COWFS_RUNTIME_DIR)")
+    if action == "run":
+        if not supervisor.serve(path):
+            raise CliError(f"a supervisor serves {path} already")
+        return EXIT_OK
+    if action == "start":
+        if supervisor.request_to(path, {"command": "status"}) is None \
+                and not client.start_supervisor(path):
+            raise CliError(f"the supervisor did not start at {path}", EXIT_UNEXPECTED)
+        action = "status"
+    status = supervisor.request_to(path, {"command": action})
+    if status is None:
+        print(f"no supervisor at {path}")
+        return EXIT_OK if action == "stop" else 3
+    if action == "stop":
+        print(f"stopped the supervisor (pid {status['stopped']})")
+    else:
+        print(f"supervisor pid {status['pid']} at {path}: {status['requests']} commands "
+              f"served, {status['running']} running")
+    return EXIT_OK
+
+
 def command_cleanup() -> int:
     for path in sweep_leftovers():
         print(f"removed {path}")
@@ -223,6 +262,8 @@ def _dispatch(argv: list[str]) -> int:
         return command_run(arguments)
     if arguments.command == "cleanup":
         return command_cleanup()
+    if arguments.command == "supervisor":
+        return command_supervisor(arguments.action)
     if arguments.command in ("layer", "image"):
         return command_oci(arguments)
     from cowfs import demo
@@ -283,6 +324,9 @@ def _parse_options(values: Sequence[str]) -> options.ParsedOptions:
 def mount_parsed(parsed: options.ParsedOptions, mountpoint: str, *, foreground: bool,
                  debug: bool, log_file: str | None) -> int:
     assert parsed.lowerdir is not None
+    from cowfs import fuse_extensions
+    if not parsed.mount.kernel_caches and fuse_extensions.loaded():
+        raise FreshProcessNeeded
     lowers = parse_lowerdirs(parsed.lowerdir)
     if parsed.workdir is not None and parsed.upperdir is None:
         raise CliError("a workdir needs an upper layer")

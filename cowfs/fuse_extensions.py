@@ -251,6 +251,11 @@ def _configure(library: _Library, plain_listings: bool, passthrough: bool) -> No
         log.warning("no passthrough: the extensions were built against libfuse < 3.17")
 
 
+def loaded() -> bool:
+    """Whether this process has the library loaded (a warm start's process has)."""
+    return _library is not None
+
+
 def check_session() -> None:
     """After pyfuse3.init: the session must have been made through the library, else say so."""
     global _library, _reason

@@ -114,7 +114,22 @@ def forkable(extra: tuple[str, ...]) -> bool:
     return not any("kernel_caches=off" in argument for argument in extra)
 
 
+# The suite's `cowfs` commands reach a supervisor of the suite's own, stopped at its end: none
+# is left behind in /run/cowfs, and none from outside serves the suite.
+RUNTIME_DIRECTORY = tempfile.mkdtemp(prefix="cowfs-runtime-")
+os.environ["COWFS_RUNTIME_DIR"] = RUNTIME_DIRECTORY
+
+
+def stop_supervisors(directory: str) -> None:
+    from cowfs import supervisor
+    for name in os.listdir(directory):
+        if name.endswith(".sock"):
+            supervisor.request_to(os.path.join(directory, name), {"command": "stop"})
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
+    stop_supervisors(RUNTIME_DIRECTORY)
+    shutil.rmtree(RUNTIME_DIRECTORY, ignore_errors=True)
     if _zygote is not None:
         _zygote.stop()
         shutil.rmtree(os.path.dirname(_zygote.socket_path), ignore_errors=True)
