@@ -388,8 +388,40 @@ def _check_mountpoint(places: list[_Place], mountpoint: str, *, nonempty: bool) 
 def unmount(mountpoint: str, *, lazy: bool = False) -> None:
     """Unmount a FUSE mount (`fusermount3 -u`, which also works unprivileged); lazily: detach
     now, finish when no longer busy. Raises OSError with fusermount3's reason."""
-    command = ["fusermount3", "-u", *(["-z"] if lazy else []), mountpoint]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        lines = result.stderr.strip().splitlines()
-        raise OSError(f"{lines[-1] if lines else 'fusermount3 failed'}")
+    daemons = [] if lazy else _daemon_pidfds(os.path.realpath(mountpoint))
+    try:
+        command = ["fusermount3", "-u", *(["-z"] if lazy else []), mountpoint]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            lines = result.stderr.strip().splitlines()
+            raise OSError(f"{lines[-1] if lines else 'fusermount3 failed'}")
+        # As with the kernel's overlay, the upper is free once the unmount returns: wait for
+        # the daemon, which holds its lock, to end (it does at once once unmounted).
+        if daemons:
+            import select
+            select.select(daemons, [], [], DAEMON_EXIT_TIMEOUT)
+    finally:
+        for pidfd in daemons:
+            os.close(pidfd)
+
+
+DAEMON_EXIT_TIMEOUT = 5.0
+
+
+def _daemon_pidfds(mountpoint: str) -> list[int]:
+    """pidfds of this user's cowfs daemons that name themselves for *mountpoint*."""
+    title = f"cowfs daemon {mountpoint}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as cmdline:
+                if cmdline.read().split(b"\0")[0] != title:
+                    continue
+            if os.stat(f"/proc/{name}").st_uid != os.geteuid():
+                continue
+            found.append(os.pidfd_open(int(name)))
+        except OSError:
+            continue
+    return found
