@@ -18,7 +18,7 @@ import setproctitle
 
 from cowfs.durability import BATCH
 from cowfs.idmap import IDENTITY, IdMap
-from cowfs.layers import LayerStack
+from cowfs.layers import LayerStack, daemon_title
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _daemon(stack: LayerStack, mountpoint: str, report_fd: int, options: MountOp
     os.setsid()
     # A fork carries its caller's command line: `ps` and `pkill -f` would take the daemon for
     # the `cowfs run ... CMD` that started it.
-    setproctitle.setproctitle(f"cowfs daemon {mountpoint}")
+    setproctitle.setproctitle(daemon_title(mountpoint))
     with os.fdopen(report_fd, "wb", buffering=0) as report:
         def mounted() -> None:
             # podman waits for EOF on our stderr too: no fd of the caller's may stay open.

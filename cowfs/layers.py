@@ -408,9 +408,14 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> None:
 DAEMON_EXIT_TIMEOUT = 5.0
 
 
+def daemon_title(mountpoint: str) -> str:
+    """What a mount's daemon calls itself in ps, and how an unmount finds it."""
+    return f"cowfs daemon {mountpoint}"
+
+
 def _daemon_pidfds(mountpoint: str) -> list[int]:
     """pidfds of this user's cowfs daemons that name themselves for *mountpoint*."""
-    title = f"cowfs daemon {mountpoint}".encode()
+    title = daemon_title(mountpoint).encode()
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():

@@ -17,6 +17,7 @@ process cannot take on) is told to run the command itself.
 import argparse
 import contextlib
 import fcntl
+import functools
 import gc
 import logging
 import marshal
@@ -97,6 +98,12 @@ def _security_label(pid: int | str) -> str | None:
         return None
 
 
+@functools.cache
+def _own_view() -> tuple[dict[str, str], dict[str, int], str | None]:
+    """The supervisor's own credentials, namespaces and label: fixed while it serves."""
+    return _status_fields("self"), _namespaces("self"), _security_label("self")
+
+
 def _bits(mask: str) -> frozenset[int]:
     value = int(mask, 16)
     return frozenset(number for number in range(value.bit_length()) if value >> number & 1)
@@ -104,10 +111,11 @@ def _bits(mask: str) -> frozenset[int]:
 
 def plan_for(caller: int) -> Callable[[], None]:
     """What the forked process does to stand for *caller*; NotServed if it cannot."""
-    own, theirs = _status_fields("self"), _status_fields(caller)
-    if _namespaces("self") != _namespaces(caller):
+    own, own_namespaces, own_label = _own_view()
+    theirs = _status_fields(caller)
+    if own_namespaces != _namespaces(caller):
         raise NotServed("the caller is in other namespaces")
-    if _security_label("self") != _security_label(caller):
+    if own_label != _security_label(caller):
         raise NotServed("the caller has another security label")
     if theirs["Uid"] != own["Uid"]:
         raise NotServed("the caller's user ids differ")
@@ -301,7 +309,7 @@ class Supervisor:
             return
         fds: list[int] = []
         try:
-            _pid, uid, _gid = struct.unpack(
+            caller, uid, _gid = struct.unpack(
                 "3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
             if uid != os.geteuid():
                 connection.close()
@@ -309,7 +317,7 @@ class Supervisor:
             message, fds, _flags, _address = socket.recv_fds(
                 connection, client.MAX_MESSAGE, _FDS_PER_REQUEST)
             request = _checked(marshal.loads(message))
-            self._answer(connection, request, fds)
+            self._answer(connection, request, fds, caller)
         except Exception:
             log.exception("a request failed")
             with contextlib.suppress(OSError):
@@ -319,7 +327,8 @@ class Supervisor:
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
-    def _answer(self, connection: socket.socket, request: dict, fds: list[int]) -> None:
+    def _answer(self, connection: socket.socket, request: dict, fds: list[int],
+                caller: int) -> None:
         command = request.get("command")
         if command == "stop":
             self.close()
@@ -335,8 +344,6 @@ class Supervisor:
         elif len(fds) != _FDS_PER_REQUEST:
             self._send(connection, {"cold": "the request came without its descriptors"})
         else:
-            caller = struct.unpack(
-                "3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
             try:
                 take_on = plan_for(caller)
             except (NotServed, OSError) as reason:
