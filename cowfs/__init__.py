@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 # front (`cowfs.client`) lives in this package and must start in milliseconds.
 _LAZY = {"KernelFeatures": "cowfs.fuse_extensions",
          **dict.fromkeys(("KernelOptions", "Mounted", "MountError", "mount_stack", "mounted",
-                          "open_mounted"), "cowfs.handle"),
+                          "mounts", "open_mounted"), "cowfs.handle"),
+         "ControlError": "cowfs.control",
          **dict.fromkeys(("LayerStack", "LayoutError", "open_stack", "parse_lowerdirs"),
                          "cowfs.layers"),
          "Directory": "cowfs.lookup", "Entry": "cowfs.lookup", "Name": "cowfs.lookup",
@@ -22,6 +23,7 @@ _LAZY = {"KernelFeatures": "cowfs.fuse_extensions",
          "import_layer": "cowfs.ocilayer"}
 
 if TYPE_CHECKING:
+    from cowfs.control import ControlError
     from cowfs.fuse_extensions import KernelFeatures
     from cowfs.handle import (
         KernelOptions,
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
         MountError,
         mount_stack,
         mounted,
+        mounts,
         open_mounted,
     )
     from cowfs.layers import LayerStack, LayoutError, open_stack, parse_lowerdirs
@@ -48,6 +51,7 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'cowfs' has no attribute {name!r}")
 
 __all__ = [
+    "ControlError",
     "Directory",
     "Entry",
     "FormatOptions",
@@ -66,6 +70,7 @@ __all__ = [
     "import_layer",
     "mount_stack",
     "mounted",
+    "mounts",
     "open_mounted",
     "open_stack",
     "parse_lowerdirs",

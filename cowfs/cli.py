@@ -35,7 +35,8 @@ EXIT_CODES_HELP = f"""exit status:
 """
 # The host ids of a --userns payload's 0..65535: podman's and /etc/subuid's usual first range.
 DEFAULT_USERNS = "100000:65536"
-SUBCOMMANDS = ("mount", "umount", "run", "cleanup", "demo", "layer", "image", "supervisor")
+SUBCOMMANDS = ("mount", "umount", "run", "cleanup", "demo", "layer", "image", "supervisor",
+               "list", "stats", "refresh")
 
 
 class FreshProcessNeeded(Exception):
@@ -127,6 +128,22 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                     "it when it is not running; `run` serves in the foreground (a service).")
     supervisor.add_argument("action", choices=("run", "start", "stop", "status"))
 
+    listing = commands.add_parser(
+        "list", help="the live cowfs mounts: layers, options, daemon, copy-up statistics",
+        description="Every live cowfs mount of this mount namespace, whoever mounted it; the "
+                    "details come from each mount's daemon (yours, or any as root).")
+    listing.add_argument("--json", action="store_true", help="one JSON list")
+    stats = commands.add_parser("stats", help="one live mount's layers, options and statistics")
+    stats.add_argument("mountpoint", metavar="MERGED")
+    stats.add_argument("--json", action="store_true", help="as JSON")
+    refresh = commands.add_parser(
+        "refresh", help="a lower layer changed behind the mount: see it as it is now",
+        description="Drop what cowfs and the kernel cached of PATHs (paths in MERGED, or "
+                    "relative to it; default everything), and of any file that changed "
+                    "identity, so that the next access sees the lower layers as they are now.")
+    refresh.add_argument("mountpoint", metavar="MERGED")
+    refresh.add_argument("paths", nargs="*", metavar="PATH")
+
     demo = commands.add_parser("demo", help="mount the example image and show its layers")
     demo.add_argument("image", nargs="?", metavar="IMAGE_DIR",
                       help="a directory of layer directories (default: the repo's example)")
@@ -136,8 +153,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 def add_oci_commands(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """`cowfs layer import/export` and `cowfs image unpack`."""
-    layer = commands.add_parser("layer", help="OCI layer tars in and out of layer directories")
+    layer = commands.add_parser(
+        "layer", help="OCI layer tars in and out of layer directories; the layers of a live mount")
     layer_commands = layer.add_subparsers(dest="layer_command", required=True, metavar="ACTION")
+    add = layer_commands.add_parser(
+        "add", help="put a directory in a live mount's lower layers",
+        description="Every later lookup sees DIR as a lower layer of MERGED; the kernel forgets "
+                    "what it cached.")
+    add.add_argument("mountpoint", metavar="MERGED")
+    add.add_argument("directory", metavar="DIR")
+    where = add.add_mutually_exclusive_group()
+    where.add_argument("--top", action="store_true", help="above every lower layer (default)")
+    where.add_argument("--bottom", action="store_true", help="below every lower layer")
+    where.add_argument("--above", metavar="LAYER", help="right above the lower layer LAYER")
+    remove = layer_commands.add_parser(
+        "remove", help="take a lower layer out of a live mount",
+        description="Refused while a file open from LAYER, or a metacopy or redirect of the "
+                    "upper, still needs it.")
+    remove.add_argument("mountpoint", metavar="MERGED")
+    remove.add_argument("layer", metavar="LAYER")
     import_ = layer_commands.add_parser(
         "import", help="a layer tar (.tar, .tar.gz, .tar.zst) as a new layer directory")
     import_.add_argument("tar", metavar="LAYER.tar")
@@ -188,6 +222,79 @@ def command_oci(arguments: argparse.Namespace) -> int:
     except (ocilayer.LayerError, ociimage.ImageError) as exc:
         raise CliError(str(exc)) from None
     return EXIT_OK
+
+
+def command_live(arguments: argparse.Namespace) -> int:
+    """`cowfs list`, `stats`, `refresh` and `layer add/remove`: ask live mounts' daemons."""
+    import json
+
+    from cowfs import control
+    try:
+        if arguments.command == "list":
+            described = control.describe_all()
+            if arguments.json:
+                print(json.dumps(described, indent=2))
+            else:
+                for description in described:
+                    print(format_mount(description))
+            return EXIT_OK
+        mount = control.find_mount(arguments.mountpoint)
+        if arguments.command == "stats":
+            description = control.describe(mount)
+            print(json.dumps(description, indent=2) if arguments.json
+                  else format_mount(description))
+            return EXIT_OK
+        if arguments.command == "refresh":
+            paths = [control.relative_path(mount, path) for path in arguments.paths]
+            result = control.request(mount, {"command": "refresh", "paths": paths or None})
+            print(f"refreshed {mount.mountpoint}: the kernel knew {result['nodes']} files, "
+                  f"{result['changed']} changed identity, {result['invalidated']} cached "
+                  "entries dropped")
+            return EXIT_OK
+        if arguments.layer_command == "add":
+            position = "bottom" if arguments.bottom else "above" if arguments.above else "top"
+            message = {"command": "add_layer", "path": os.path.realpath(arguments.directory),
+                       "position": position}
+            if arguments.above:
+                message["anchor"] = os.path.realpath(arguments.above)
+            control.request(mount, message)
+            print(f"added lower layer {arguments.directory} to {mount.mountpoint}")
+            return EXIT_OK
+        control.request(mount, {"command": "remove_layer",
+                                "path": os.path.realpath(arguments.layer)})
+        print(f"removed lower layer {arguments.layer} from {mount.mountpoint}")
+        return EXIT_OK
+    except control.ControlError as exc:
+        raise CliError(str(exc), EXIT_MOUNT_FAILED if arguments.command != "list"
+                       else EXIT_UNEXPECTED) from None
+
+
+def format_mount(description: dict[str, object]) -> str:
+    """A live mount in words, as `cowfs list` and `cowfs stats` print it."""
+    if "error" in description:
+        return f"{description['merged']}: {description['error']}"
+    statistics = description["statistics"]
+    assert isinstance(statistics, dict)
+    lowers = description["lowers"]
+    assert isinstance(lowers, list)
+    options = description["options"]
+    assert isinstance(options, list)
+    requests = statistics.get("requests", {})
+    lines = [f"{description['merged']} (daemon pid {description['pid']})",
+             f"  upper:    {description['upper'] or '(none: read-only)'}",
+             f"  workdir:  {description['workdir'] or '-'}",
+             f"  lowers:   {lowers[0]}", *(f"            {lower}" for lower in lowers[1:]),
+             f"  options:  {','.join(options)}"]
+    if "copy_ups" in statistics:
+        lines.append(f"  copy-ups: {statistics['copy_ups']} ({statistics['directories']} "
+                     f"directories, {statistics['metadata_only']} metadata only), "
+                     f"{statistics['data_copies']} data copies of "
+                     f"{statistics['data_bytes']} bytes ({statistics['reflinks']} reflinks), "
+                     f"{statistics['seconds']:.3f} s")
+    lines.append(f"  kernel:   {statistics['nodes']} files known, {statistics['open_files']} "
+                 f"open, {sum(requests.values()) if isinstance(requests, dict) else 0} "
+                 "requests served")
+    return "\n".join(lines)
 
 
 def command_supervisor(action: str) -> int:
@@ -264,6 +371,9 @@ def _dispatch(argv: list[str]) -> int:
         return command_cleanup()
     if arguments.command == "supervisor":
         return command_supervisor(arguments.action)
+    if arguments.command in ("list", "stats", "refresh") or (
+            arguments.command == "layer" and arguments.layer_command in ("add", "remove")):
+        return command_live(arguments)
     if arguments.command in ("layer", "image"):
         return command_oci(arguments)
     from cowfs import demo

@@ -427,6 +427,10 @@ class CopyUp:
             raise
         return whiteout.encode_origin(uuid, handle_type, handle)
 
+    def forget_layers(self) -> None:
+        """The stack's layers changed: what was learnt of them by index is void."""
+        self._uuids.clear()
+
     def _filesystem_uuid(self, layer: int) -> bytes | None:
         if layer not in self._uuids:
             self._uuids[layer] = filesystem_uuid(self.fds.stack.layers[layer].fd)

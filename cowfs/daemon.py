@@ -48,6 +48,24 @@ class MountOptions:
     # writes the backing files itself (docs/ARCHITECTURE.md says when).
     passthrough: bool = False
 
+    def as_options(self, stack: LayerStack) -> list[str]:
+        """The `-o` options of the mount with *stack*, as `cowfs list` shows them."""
+        shown = ["ro" if self.readonly else "rw", f"fsname={self.fsname}", f"fsync={self.fsync}",
+                 *sorted(self.kernel_flags), *stack.format.as_options(),
+                 f"kernel_caches={'on' if self.kernel_caches else 'off'}",
+                 f"readdirplus={'auto' if self.plain_listings else 'yes'}",
+                 f"writeback={int(self.writeback_cache)}",
+                 f"passthrough={'on' if self.passthrough else 'off'}"]
+        if stack.xattr_prefix.startswith("user."):
+            shown.append("userxattr")
+        for name, mapping in (("uidmapping", self.uids), ("gidmapping", self.gids)):
+            if mapping.ranges:
+                shown.append(f"{name}=" + ":".join(f"{disk}:{view}:{count}"
+                                                   for disk, view, count in mapping.ranges))
+            if mapping.squash is not None:
+                shown.append(f"squash_to_{name[:3]}={mapping.squash}")
+        return shown
+
     def conflict(self) -> str | None:
         """Why these options cannot mount together, if they cannot."""
         if self.passthrough and self.writeback_cache:
@@ -71,6 +89,8 @@ def serve(stack: LayerStack, mountpoint: str, options: MountOptions,
     try:
         operations = mount.Operations(merged, options.uids, options.gids,
                                       writeback_cache=options.writeback_cache)
+        operations.mountpoint = os.path.realpath(mountpoint)
+        operations.options = options.as_options(stack)
         fuse_options = mount.fuse_options(readonly=options.readonly, fsname=options.fsname)
         mount.run(operations, mountpoint, fuse_options | options.kernel_flags,
                   on_mounted or (lambda: None))

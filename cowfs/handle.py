@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
-from cowfs import daemon, durability
+from cowfs import control, daemon, durability
 from cowfs.fuse_extensions import KernelFeatures
 from cowfs.idmap import IdMap
 from cowfs.layers import (
@@ -80,6 +80,36 @@ class Mounted:
         as `statistics`)."""
         return KernelFeatures.from_dict(self.statistics()["kernel_features"])  # type: ignore[arg-type]
 
+    def stats(self) -> dict[str, object]:
+        """What `cowfs stats` shows: layers, options, daemon pid, copy-up statistics (asked of
+        the daemon on its control socket, so for its user and root)."""
+        return control.describe(control.find_mount(self.path))
+
+    def refresh(self, paths: Sequence[str] | None = None) -> dict[str, object]:
+        """A lower layer changed behind the mount: drop what cowfs and the kernel cached of
+        *paths* (in the merged view or relative to it; None: everything)."""
+        mount = control.find_mount(self.path)
+        relative = None if paths is None else [control.relative_path(mount, path)
+                                               for path in paths]
+        return control.request(mount, {"command": "refresh", "paths": relative})
+
+    def add_layer(self, directory: str, *, above: str | None = None, bottom: bool = False
+                  ) -> None:
+        """Stack *directory* as a lower layer: on top of the lowers, *above* one, or at the
+        *bottom*; every later lookup sees it."""
+        message: dict[str, object] = {"command": "add_layer",
+                                      "path": os.path.realpath(directory),
+                                      "position": "above" if above else
+                                      "bottom" if bottom else "top"}
+        if above:
+            message["anchor"] = os.path.realpath(above)
+        control.request(control.find_mount(self.path), message)
+
+    def remove_layer(self, layer: str) -> None:
+        """Take the lower layer *layer* out; ControlError if something still needs it."""
+        control.request(control.find_mount(self.path),
+                        {"command": "remove_layer", "path": os.path.realpath(layer)})
+
     def is_live(self) -> bool:
         return any(mount.mountpoint == self.path and mount.fstype == "fuse.cowfs"
                    for mount in read_mountinfo())
@@ -92,6 +122,11 @@ class Mounted:
         if self.daemon_pid is not None and not lazy:
             _wait_for(self.daemon_pid)
             self.daemon_pid = None
+
+
+def mounts() -> list[Mounted]:
+    """Every live cowfs mount of this mount namespace, whoever mounted it."""
+    return [Mounted(mount.mountpoint) for mount in control.live_mounts()]
 
 
 @contextlib.contextmanager

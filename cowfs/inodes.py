@@ -7,7 +7,7 @@ copy-up), never a counter: hard links of one file are one node, and a remount gi
 
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NewType
 
 from cowfs.lookup import Directory, DirectoryFds, Entry
@@ -90,3 +90,15 @@ class InodeTable:
             del self._nodes[node.id]
             if isinstance(node.entry, Directory):
                 self._fds.discard(node.entry)
+
+    def all(self) -> list[Node]:
+        return list(self._nodes.values())
+
+    def rehome(self, found: Mapping[Entry, Entry], root: Directory) -> None:
+        """The union found its files again (`Union.refresh`): each node shows its file's new
+        entry; a node whose file is gone keeps the retired one until the kernel forgets it."""
+        for node in self._nodes.values():
+            if node.id == ROOT_ID:
+                node.entry = root
+            elif (entry := found.get(node.entry)) is not None:
+                node.entry = entry

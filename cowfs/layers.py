@@ -168,6 +168,24 @@ def open_stack(lowers: list[str], upper: str | None = None, workdir: str | None 
     return stack
 
 
+def open_added_layer(stack: LayerStack, path: str, mountpoint: str) -> Layer:
+    """Open *path* as a new lower layer of a live stack, checked as `open_stack` checks a
+    layer (nothing of it may be, or be inside, another layer, the workdir or the merged
+    view); the caller owns the fd. It stats the merged view: never call it on the thread
+    that serves the mount."""
+    layer = _open_layer("lower layer", path, writable=False)
+    try:
+        places = _layer_places(stack)
+        if stack.work is not None:
+            places.append(_Place("workdir", stack.work.path, _ancestry(stack.work.path)))
+        places.append(_Place("mount point", mountpoint, _ancestry(mountpoint)))
+        _check_disjoint([*places, _Place("lower layer", layer.path, _ancestry(layer.path))])
+    except BaseException:
+        os.close(layer.fd)
+        raise
+    return layer
+
+
 @dataclasses.dataclass(frozen=True)
 class _Place:
     """A layer or the workdir as the layout checks see it."""

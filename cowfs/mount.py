@@ -15,20 +15,23 @@ import json
 import logging
 import os
 import signal
+import socket
 import stat
+import struct
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
-from cowfs import _libc, fuse_extensions, privileges
+from cowfs import _libc, control, fuse_extensions, layers, privileges
 from cowfs.durability import BATCH, BATCH_DELAY_S, VOLATILE, Durability
 from cowfs.idmap import IDENTITY, IdMap
-from cowfs.inodes import InodeTable, Node, NodeId
-from cowfs.layers import read_mountinfo
+from cowfs.inodes import ROOT_ID, InodeTable, Node, NodeId
+from cowfs.layers import Layer, LayoutError, read_mountinfo
 from cowfs.lookup import UPPER, BrokenEntry, Directory, Entry, Listing, Name
-from cowfs.union import Caller, Union
+from cowfs.union import Caller, Refreshed, Union
 from cowfs.whiteout import check_new_name
 
 log = logging.getLogger(__name__)
@@ -172,6 +175,13 @@ class Operations(pyfuse3.Operations):
         # handler takes it; and how many files had suid or sgid removed so.
         self._kill_request: KillRequest | None = None
         self.privileges_killed = 0
+        # What `cowfs list` shows beside the live layers: set by whoever mounts.
+        self.mountpoint = ""
+        self.options: dict[str, object] = {}
+        self._changing_layers = trio.Lock()
+        # Where files no name reaches since a refresh were: what a refusal calls them.
+        self._retired_paths: weakref.WeakKeyDictionary[Entry, str] = \
+            weakref.WeakKeyDictionary()
 
     def _caller(self, ctx: pyfuse3.RequestContext) -> Caller:
         """Who asks, in the layers' ids: what it creates is owned so on disk."""
@@ -256,6 +266,167 @@ class Operations(pyfuse3.Operations):
         return {**self.union.statistics(), "requests": dict(self.requests),
                 "kernel_features": fuse_extensions.features().as_dict(),
                 **fuse_extensions.counters(), "privileges_killed": self.privileges_killed}
+
+    def describe(self) -> dict[str, object]:
+        """What `cowfs list` and `cowfs stats` show of the mount."""
+        stack = self.union.stack
+        statistics = self.statistics()
+        statistics.update(nodes=len(self.nodes.all()), open_files=len(self._file_handles),
+                          open_directories=len(self._directory_handles))
+        return {"merged": self.mountpoint, "pid": os.getpid(),
+                "upper": stack.upper.path if stack.upper is not None else None,
+                "lowers": [layer.path for layer in stack.lowers],
+                "workdir": stack.work.path if stack.work is not None else None,
+                "options": self.options, "statistics": statistics}
+
+    # -- layers changed under the mount: `cowfs refresh` and `cowfs layer add/remove` --------
+
+    async def refresh(self, paths: Sequence[str] | None = None) -> dict[str, int]:
+        """Forget what was read of the layers and make the kernel forget what it cached: of
+        *paths* (relative to the root; None: everything), and of whatever changed identity
+        anywhere. Returns counts for the command to report."""
+        async with self._changing_layers:
+            return await self._refresh(paths)
+
+    async def add_layer(self, path: str, position: str, anchor: str | None = None
+                        ) -> dict[str, int]:
+        """Put the directory *path* (resolved) in the stack as a lower layer: `top` of the
+        lowers, `bottom`, or `above` the lower layer *anchor*; every later lookup sees it."""
+        stack = self.union.stack
+        added = await trio.to_thread.run_sync(layers.open_added_layer, stack, path,
+                                              self.mountpoint)
+        try:
+            async with self._changing_layers:
+                if position == "top":
+                    index = 1 if stack.upper is not None else 0
+                elif position == "bottom":
+                    index = len(stack.layers)
+                else:
+                    index = self._lower_index(anchor or "")
+                result = await self._refresh(None, lambda: [*stack.layers[:index], added,
+                                                            *stack.layers[index:]])
+        except BaseException:
+            if added not in stack.layers:
+                os.close(added.fd)
+            raise
+        log.info("layer %s added at %d", added.path, index)
+        return result
+
+    async def remove_layer(self, path: str) -> dict[str, int]:
+        """Take the lower layer *path* (resolved) out of the stack, unless an open file, a
+        metacopy or a redirect still needs it; every later lookup goes without it."""
+        stack = self.union.stack
+        async with self._changing_layers:
+            index = self._lower_index(path)
+            removed = stack.layers[index]
+            if len(stack.lowers) == 1:
+                raise LayoutError(f"lower layer {path} is the only lower layer of the mount")
+
+            def without() -> list[Layer]:
+                named = {entry: self._retired_paths.get(entry) or "/".join(_path_of(entry) or
+                                                                           ("(removed)",))
+                         for entry in self._open_entries()}
+                reason = self.union.layer_needed(index, named)
+                if reason is not None:
+                    raise LayoutError(f"lower layer {path} is still needed: {reason}")
+                return [layer for layer in stack.layers if layer is not removed]
+
+            result = await self._refresh(None, without)
+        os.close(removed.fd)
+        log.info("layer %s removed", removed.path)
+        return result
+
+    async def _refresh(self, paths: Sequence[str] | None,
+                       new_layers: Callable[[], list[Layer]] | None = None) -> dict[str, int]:
+        """`refresh`, under the lock; *new_layers* (which may refuse) gives the new stack once
+        no copy-up runs, and nothing runs between it and the change."""
+        await self._settle(*self._copying)
+        layers_now = new_layers() if new_layers is not None else None
+        nodes = self.nodes.all()
+        kernel_names = {node.id: self._kernel_names(node.entry) for node in nodes}
+        node_paths = {node.id: _path_of(node.entry) for node in nodes}
+        refreshed = self.union.refresh([node.entry for node in nodes], self._open_entries(),
+                                       layers_now)
+        self.nodes.rehome(refreshed.found, self.union.root)
+        self._rehome_handles(refreshed)
+        gone = set(refreshed.gone)
+        for node in nodes:
+            if node.entry in gone and (path := node_paths[node.id]):
+                self._retired_paths[node.entry] = "/".join(path)
+        scope = None if paths is None else [tuple(filter(None, path.split("/")))
+                                            for path in paths]
+        invalidations = self._invalidations(nodes, refreshed, kernel_names, node_paths, scope)
+        await trio.to_thread.run_sync(_send_invalidations, invalidations)
+        return {"nodes": len(nodes), "changed": len(refreshed.gone) + len(refreshed.renumbered),
+                "invalidated": len(invalidations)}
+
+    def _lower_index(self, path: str) -> int:
+        for index, layer in enumerate(self.union.stack.layers):
+            if layer.path == path and not layer.writable:
+                return index
+        raise LayoutError(f"{path} is not a lower layer of {self.mountpoint}")
+
+    def _open_entries(self) -> list[Entry]:
+        return [*(handle.entry for handle in self._file_handles.values()),
+                *(handle.node.entry for handle in self._directory_handles.values())]
+
+    def _kernel_names(self, entry: Entry) -> list[tuple[NodeId, str]]:
+        """The (parent node, name) pairs under which the kernel may hold *entry*."""
+        names = []
+        for name in entry.names:
+            parent_id = self.nodes.known_id(name.parent)
+            if parent_id is not None:
+                names.append((parent_id, name.name))
+        return names
+
+    def _rehome_handles(self, refreshed: Refreshed) -> None:
+        for handle in self._file_handles.values():
+            handle.entry = refreshed.found.get(handle.entry, handle.entry)
+            layer, metacopy = handle.source
+            moved = refreshed.moved_layers.get(layer)
+            handle.source = (layer if moved is None else moved, metacopy)
+        for directory_handle in self._directory_handles.values():
+            directory_handle.listing = None       # read again at the next readdir
+
+    def _invalidations(self, nodes: list[Node], refreshed: Refreshed,
+                       kernel_names: dict[NodeId, list[tuple[NodeId, str]]],
+                       node_paths: dict[NodeId, tuple[str, ...] | None],
+                       scope: list[tuple[str, ...]] | None) -> list["_Invalidation"]:
+        """What the kernel must forget: every name whose file changed, and within *scope*
+        each node's attributes, pages and listing, and each name a refreshed directory holds
+        that the kernel does not know as a file (it may have cached it as missing)."""
+        def in_scope(path: tuple[str, ...] | None) -> bool:
+            return scope is None or (path is not None and any(
+                path[:len(wanted)] == wanted or wanted[:len(path)] == path for wanted in scope))
+
+        changed: list[_Invalidation] = []
+        refreshed_ids: list[_Invalidation] = []
+        shown: set[tuple[NodeId, str]] = set()
+        directories: list[tuple[NodeId, Directory]] = []
+        for node in nodes:
+            old = node.entry if node.id != ROOT_ID else None
+            new = self.union.root if old is None else refreshed.found.get(old)
+            if old is not None and (new is None or old in refreshed.renumbered):
+                changed += [("entry", parent_id, name) for parent_id, name
+                            in kernel_names[node.id]]
+                continue
+            shown.update(kernel_names[node.id])
+            if not in_scope(() if old is None else node_paths[node.id]):
+                continue
+            assert new is not None
+            if isinstance(new, Directory):
+                directories.append((node.id, new))
+            elif new.layer == UPPER and not new.metacopy:
+                continue              # nothing of it is in a lower layer
+            refreshed_ids.append(("inode", node.id, ""))
+        missing: list[_Invalidation] = []
+        for node_id, directory in directories:
+            if directory.layers == (UPPER,) and self.union.writable:
+                continue
+            for name in self.union.read_listing(directory).names:
+                if (node_id, name) not in shown:
+                    missing.append(("entry", node_id, name))
+        return [*changed, *missing, *refreshed_ids]
 
     # -- killing suid and sgid (FUSE_HANDLE_KILLPRIV_V2, docs/ARCHITECTURE.md) ---------------
 
@@ -832,6 +1003,34 @@ class Operations(pyfuse3.Operations):
         raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY))
 
 
+# What the kernel is told to forget: ("inode", node, "") or ("entry", parent node, name).
+_Invalidation = tuple[str, int, str]
+
+
+def _path_of(entry: Entry) -> tuple[str, ...] | None:
+    """The names from the root to *entry* by its first name; None if no name reaches it."""
+    path: list[str] = []
+    while not (isinstance(entry, Directory) and entry.is_root):
+        if not entry.names:
+            return None
+        path.append(entry.names[0].name)
+        entry = entry.names[0].parent
+    return tuple(reversed(path))
+
+
+def _send_invalidations(invalidations: list[_Invalidation]) -> None:
+    """Tell the kernel, from a worker thread: a notification waits for the requests in flight
+    on what it names, which the trio thread answers meanwhile."""
+    for kind, node_id, name in invalidations:
+        try:
+            if kind == "inode":
+                pyfuse3.invalidate_inode(pyfuse3.InodeT(node_id), attr_only=False)
+            else:
+                pyfuse3.invalidate_entry(pyfuse3.InodeT(node_id), os.fsencode(name))
+        except OSError as exc:       # ENOENT: the kernel holds nothing of it
+            log.debug("invalidate %s %d %r: %s", kind, node_id, name, exc)
+
+
 def fuse_options(*, readonly: bool, fsname: str = "cowfs") -> set[str]:
     options = {f"fsname={fsname}", "subtype=cowfs", "default_permissions"}
     if os.geteuid() == 0:
@@ -875,6 +1074,96 @@ def mount(operations: Operations, mountpoint: str, options: set[str]) -> None:
     raise_read_ahead(mountpoint)
 
 
+async def _serve_control(operations: Operations, *,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Answer `cowfs list`, `stats`, `refresh` and `layer add/remove` for this mount on its
+    control socket (`cowfs.control`) until cancelled."""
+    device = control.own_device(operations.mountpoint, read_mountinfo())
+    path = control.socket_path(device) if device is not None else None
+    listener = await _listen(path) if path is not None else None
+    task_status.started()
+    if listener is None or path is None:
+        log.info("no control socket: `cowfs list` shows this mount without its details")
+        return
+    identity = os.stat(path)
+    try:
+        async with trio.open_nursery() as nursery:
+            while True:
+                connection, _ = await listener.accept()
+                nursery.start_soon(_answer, operations, connection)
+    finally:
+        listener.close()
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.stat(path), identity):
+                os.unlink(path)
+
+
+async def _listen(path: str) -> trio.socket.SocketType | None:
+    """A socket at *path*, in directories of the daemon's user alone (its umask is 0)."""
+    try:
+        for directory in (os.path.dirname(os.path.dirname(path)), os.path.dirname(path)):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(directory, 0o700)
+            st = os.lstat(directory)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or \
+                    st.st_mode & 0o077:
+                log.warning("%s is not a private directory of ours: no control socket",
+                            directory)
+                return None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)          # a killed daemon's, of the device number now ours
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await listener.bind(path)
+            os.chmod(path, 0o600)
+            listener.listen(16)
+        except BaseException:
+            listener.close()
+            raise
+    except OSError as exc:
+        log.warning("no control socket at %s: %s", path, exc)
+        return None
+    return listener
+
+
+async def _answer(operations: Operations, connection: trio.socket.SocketType) -> None:
+    with connection:
+        credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                            struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", credentials)
+        if uid not in (0, os.geteuid()):
+            return                    # only the daemon's user and root are heard
+        stream = trio.SocketStream(connection)
+        message = b""
+        while len(message) < control.MAX_MESSAGE and (chunk := await stream.receive_some()):
+            message += chunk
+        try:
+            reply = await _dispatch(operations, json.loads(message))
+        except (LayoutError, ValueError, KeyError, TypeError) as exc:
+            reply = {"error": str(exc)}
+        except OSError as exc:
+            reply = {"error": exc.strerror or str(exc)}
+        except Exception:
+            log.exception("control request %r failed", message[:200])
+            reply = {"error": "the daemon failed to do it (its log says why)"}
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(json.dumps(reply).encode())
+
+
+async def _dispatch(operations: Operations, message: dict[str, Any]) -> dict[str, object]:
+    command = message.get("command")
+    if command == "stats":
+        return operations.describe()
+    if command == "refresh":
+        return await operations.refresh(message.get("paths"))
+    if command == "add_layer":
+        return await operations.add_layer(message["path"], message.get("position", "top"),
+                                          message.get("anchor"))
+    if command == "remove_layer":
+        return await operations.remove_layer(message["path"])
+    raise ValueError(f"unknown control command {command!r}")
+
+
 async def _flush_batches(durability: Durability) -> None:
     """`fsync=batch`: what changed is durable within BATCH_DELAY_S."""
     while True:
@@ -888,6 +1177,7 @@ async def serve(early_signals: list[int], operations: Operations) -> None:
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(_terminate_on_signal)
+            await nursery.start(_serve_control, operations)
             durability = operations.union.durability
             if durability is not None and durability.mode == BATCH:
                 nursery.start_soon(_flush_batches, durability)

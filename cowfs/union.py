@@ -18,7 +18,7 @@ import logging
 import os
 import stat
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 
 from cowfs import _at, _libc, durability, lookup, whiteout
 from cowfs.copyup import UPPER, CopyUp, CopyUpSteps, Staging
@@ -148,6 +148,120 @@ class Union:
             return {"fsync": None}
         return {**dataclasses.asdict(self._copy_up.stats), "fsync": self.durability.mode,
                 "syncs": self.durability.syncs, "pending": self.durability.unsynced}
+
+    # -- layers that change under the mount (docs/ARCHITECTURE.md, "Live mounts") ----------
+
+    def refresh(self, known: Iterable[Entry], open_entries: Iterable[Entry] = (),
+                layers: list[Layer] | None = None) -> "Refreshed":
+        """Forget what was read of the layers (after a lower changed, or with the stack
+        *layers* in place of today's) and find each *known* entry again by its names.
+
+        An entry found again is the same file if it has the same number (a directory: the
+        same path); the caller moves its holders to the new entry. One that is not is
+        retired, as if removed: no name reaches it any more, and only those in
+        *open_entries*, pinned first, still reach their file. Every later lookup sees the
+        new stack.
+        """
+        known = [entry for entry in dict.fromkeys(known) if entry is not self.root]
+        numbers = {entry: self.inode_number(entry) for entry in known}
+        old_layers = list(self.stack.layers)
+        new_layers = old_layers if layers is None else layers
+        moved = {index: (new_layers.index(layer) if layer in new_layers else None)
+                 for index, layer in enumerate(old_layers)}
+        for entry in open_entries:
+            if not entry.removed and entry.names:
+                entry.pin(self.fds)
+        self.fds.close_all()
+        self._entries.clear()
+        self._files.clear()
+        self.stack.layers[:] = new_layers
+        if self._copy_up is not None:
+            self._copy_up.forget_layers()
+        old_root, self.root = self.root, lookup.make_root(self.stack)
+        directories: dict[Directory, Directory | None] = {old_root: self.root}
+        refreshed = Refreshed(moved)
+        for entry in known:
+            found = self._find_again(entry, directories)
+            if found is None:
+                refreshed.gone.append(entry)
+                _renumber_layers(entry, moved)
+                if entry.names:
+                    entry.last_parent = entry.names[0].parent
+                entry.names, entry.removed = [], True
+                continue
+            refreshed.found[entry] = found
+            if self.inode_number(found) != numbers[entry]:
+                refreshed.renumbered.add(entry)
+        return refreshed
+
+    def _find_again(self, entry: Entry, directories: "dict[Directory, Directory | None]"
+                    ) -> Entry | None:
+        if entry.removed or not entry.names:
+            return None
+        if isinstance(entry, Directory):
+            return self._directory_again(entry, directories)
+        number = self.inode_number(entry)
+        for name in entry.names:
+            parent = self._directory_again(name.parent, directories)
+            candidate = self._lookup_again(parent, name.name) if parent is not None else None
+            if candidate is not None and not candidate.is_directory and \
+                    stat.S_IFMT(candidate.stat.st_mode) == stat.S_IFMT(entry.stat.st_mode) and \
+                    self.inode_number(candidate) == number:
+                return candidate
+        return None
+
+    def _directory_again(self, old: Directory, directories: "dict[Directory, Directory | None]"
+                         ) -> Directory | None:
+        if old in directories:
+            return directories[old]
+        found = None
+        if old.names and not old.removed:
+            parent = self._directory_again(old.parent, directories)
+            candidate = self._lookup_again(parent, old.name) if parent is not None else None
+            if isinstance(candidate, Directory):
+                found = candidate
+        directories[old] = found
+        return found
+
+    def _lookup_again(self, parent: Directory, name: str) -> Entry | None:
+        try:
+            return self.lookup(parent, name)
+        except OSError:          # unreadable now (BrokenEntry, EACCES...): not the same file
+            return None
+
+    def layer_needed(self, index: int, open_entries: Mapping[Entry, str]) -> str | None:
+        """Why the lower layer at *index* cannot go, if something still needs it: a file open
+        from it (*open_entries*: each open entry and how to name it), or a metacopy or
+        redirect of the upper that reads it."""
+        path = self.stack.layers[index].path
+        for entry, shown_as in open_entries.items():
+            data_layer = entry.data[0] if entry.metacopy and entry.data else None
+            layers = entry.layers if isinstance(entry, Directory) else (entry.layer,)
+            if layers == (index,) or data_layer == index:
+                return f"{shown_as} is open from lower layer {path}"
+        if self.upper is None:
+            return None
+        upper_root = _at.fd_path(self.stack.layers[UPPER].fd)
+        metacopy = self.stack.xattr_prefix + whiteout.METACOPY
+        redirect = self.stack.xattr_prefix + whiteout.REDIRECT
+        for directory, subdirectories, files in os.walk(upper_root):
+            relative = os.path.relpath(directory, upper_root)
+            for name, attribute in [*((name, redirect) for name in subdirectories),
+                                    *((name, metacopy) for name in files)]:
+                try:
+                    os.getxattr(os.path.join(directory, name), attribute,
+                                follow_symlinks=False)
+                except OSError:
+                    continue
+                shown = os.path.normpath(os.path.join(relative, name))
+                entry = self.resolve(shown)
+                if entry is None:
+                    continue
+                if entry.metacopy and entry.data is not None and entry.data[0] == index:
+                    return f"metacopy {shown} of the upper takes its data from lower layer {path}"
+                if isinstance(entry, Directory) and index in entry.places:
+                    return f"redirect {shown} of the upper leads into lower layer {path}"
+        return None
 
     def __enter__(self) -> "Union":
         return self
@@ -1078,3 +1192,31 @@ def _remove_quietly(directory_fd: int, name: str) -> None:
             os.unlink(name, dir_fd=directory_fd)
     except OSError as exc:
         log.warning("cannot remove half-made %r: %s", name, exc)
+
+
+@dataclasses.dataclass
+class Refreshed:
+    """What `Union.refresh` found: each known entry's new self, or that it is gone."""
+
+    moved_layers: dict[int, int | None]      # old layer index -> new (None: removed)
+    found: dict[Entry, Entry] = dataclasses.field(default_factory=dict)
+    renumbered: set[Entry] = dataclasses.field(default_factory=set)   # found, another number
+    gone: list[Entry] = dataclasses.field(default_factory=list)
+
+
+def _renumber_layers(entry: Entry, moved: dict[int, int | None]) -> None:
+    """Keep a retired entry's layer indices naming the same layers (a removed one: none)."""
+    def kept(indices: Iterable[int]) -> list[int]:
+        return [target for index in indices if (target := moved.get(index)) is not None]
+
+    entry.layer = next(iter(kept([entry.layer])), entry.layer)
+    for known in entry.names:
+        known.layer = next(iter(kept([known.layer])), known.layer)
+    if entry.data is not None:
+        layer, place = entry.data
+        entry.data = (new_layer, place) if (new_layer := moved.get(layer)) is not None else None
+    if isinstance(entry, Directory):
+        entry.layers = tuple(kept(entry.layers)) or (entry.layer,)
+        entry.places = {target: place for index, place in entry.places.items()
+                        if (target := moved.get(index)) is not None}
+        entry.xwhiteout_layers = frozenset(kept(entry.xwhiteout_layers))
