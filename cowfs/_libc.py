@@ -3,6 +3,7 @@
 import contextlib
 import ctypes
 import os
+import struct
 from collections.abc import Iterator
 
 # The C library this interpreter runs on, already loaded: no ldconfig run to find it.
@@ -248,3 +249,46 @@ def file_ids(uid: int, gid: int) -> Iterator[None]:
     finally:
         _libc.setfsuid(old_uid)
         _libc.setfsgid(old_gid)
+
+
+# inotify(7): what `-o watch` asks to hear of a lower directory.
+IN_MODIFY = 0x002
+IN_ATTRIB = 0x004
+IN_CLOSE_WRITE = 0x008
+IN_MOVED_FROM = 0x040
+IN_MOVED_TO = 0x080
+IN_CREATE = 0x100
+IN_DELETE = 0x200
+IN_DELETE_SELF = 0x400
+IN_MOVE_SELF = 0x800
+IN_Q_OVERFLOW = 0x4000
+IN_IGNORED = 0x8000
+IN_ONLYDIR = 0x01000000
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+_INOTIFY_EVENT = struct.Struct("iIII")      # wd, mask, cookie, length of the name
+
+_libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+
+
+def inotify_init(flags: int) -> int:
+    fd = _libc.inotify_init1(flags)
+    _check(fd, "inotify_init1")
+    return fd
+
+
+def inotify_add_watch(fd: int, path: str, mask: int) -> int:
+    watch = _libc.inotify_add_watch(fd, os.fsencode(path), mask)
+    _check(watch, "inotify_add_watch", path)
+    return watch
+
+
+def inotify_events(data: bytes) -> Iterator[tuple[int, int, str]]:
+    """(watch, mask, name) of each event in what one read of an inotify fd gave."""
+    offset = 0
+    while offset < len(data):
+        watch, mask, _cookie, length = _INOTIFY_EVENT.unpack_from(data, offset)
+        offset += _INOTIFY_EVENT.size
+        name = data[offset:offset + length].rstrip(b"\0")
+        offset += length
+        yield watch, mask, os.fsdecode(name)

@@ -47,6 +47,8 @@ class MountOptions:
     # FUSE passthrough (`-o passthrough=on`; libfuse >= 3.17, root): the kernel reads and
     # writes the backing files itself (docs/ARCHITECTURE.md says when).
     passthrough: bool = False
+    # Refresh by itself what changes in the lower layers (`-o watch`: inotify, `cowfs.watch`).
+    watch: bool = False
 
     def as_options(self, stack: LayerStack) -> list[str]:
         """The `-o` options of the mount with *stack*, as `cowfs list` shows them."""
@@ -58,6 +60,8 @@ class MountOptions:
                  f"passthrough={'on' if self.passthrough else 'off'}"]
         if stack.xattr_prefix.startswith("user."):
             shown.append("userxattr")
+        if self.watch:
+            shown.append("watch")
         for name, mapping in (("uidmapping", self.uids), ("gidmapping", self.gids)):
             if mapping.ranges:
                 shown.append(f"{name}=" + ":".join(f"{disk}:{view}:{count}"
@@ -91,6 +95,7 @@ def serve(stack: LayerStack, mountpoint: str, options: MountOptions,
                                       writeback_cache=options.writeback_cache)
         operations.mountpoint = os.path.realpath(mountpoint)
         operations.options = options.as_options(stack)
+        operations.watch_lowers = options.watch
         fuse_options = mount.fuse_options(readonly=options.readonly, fsname=options.fsname)
         mount.run(operations, mountpoint, fuse_options | options.kernel_flags,
                   on_mounted or (lambda: None))

@@ -32,6 +32,7 @@ from cowfs.inodes import ROOT_ID, InodeTable, Node, NodeId
 from cowfs.layers import Layer, LayoutError, read_mountinfo
 from cowfs.lookup import UPPER, BrokenEntry, Directory, Entry, Listing, Name
 from cowfs.union import Caller, Refreshed, Union
+from cowfs.watch import LowerWatch
 from cowfs.whiteout import check_new_name
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,9 @@ class Operations(pyfuse3.Operations):
         self.mountpoint = ""
         self.options: dict[str, object] = {}
         self._changing_layers = trio.Lock()
+        # `-o watch`: the lower directories of those the kernel looked up are watched.
+        self.watch_lowers = False
+        self.lower_watch: LowerWatch | None = None
         # Where files no name reaches since a refresh were: what a refusal calls them.
         self._retired_paths: weakref.WeakKeyDictionary[Entry, str] = \
             weakref.WeakKeyDictionary()
@@ -485,7 +489,15 @@ class Operations(pyfuse3.Operations):
             negative.entry_timeout = ENTRY_TIMEOUT_S
             return negative
         node = self.nodes.remember(entry)
+        if self.lower_watch is not None and isinstance(entry, Directory):
+            self.watch_directory(entry)
         return self.attributes(node.id, node.entry, entry.stat)
+
+    def watch_directory(self, directory: Directory) -> None:
+        assert self.lower_watch is not None
+        path = _path_of(directory)
+        if path is not None:
+            self.lower_watch.add(self.union.fds, directory, "/".join(path))
 
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         log.debug("forget(%r)", inode_list)
@@ -572,6 +584,8 @@ class Operations(pyfuse3.Operations):
     async def opendir(self, inode: pyfuse3.InodeT,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
         node = self._directory_node(inode)
+        if self.lower_watch is not None:
+            self.watch_directory(node.entry)       # known from a listing, not a lookup
         handle = DirectoryHandle(node)
         handle_id = self._new_handle()
         self._directory_handles[handle_id] = handle
@@ -1178,6 +1192,10 @@ async def serve(early_signals: list[int], operations: Operations) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(_terminate_on_signal)
             await nursery.start(_serve_control, operations)
+            if operations.watch_lowers:
+                operations.lower_watch = LowerWatch(operations.refresh)
+                operations.watch_directory(operations.union.root)
+                nursery.start_soon(operations.lower_watch.run)
             durability = operations.union.durability
             if durability is not None and durability.mode == BATCH:
                 nursery.start_soon(_flush_batches, durability)
@@ -1187,6 +1205,8 @@ async def serve(early_signals: list[int], operations: Operations) -> None:
                 await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:
+        if operations.lower_watch is not None:
+            operations.lower_watch.close()
         pyfuse3.close(unmount=True)
         log.info("unmounted")
 

@@ -21,7 +21,7 @@ VALUED = {"lowerdir": "DIRS", "upperdir": "DIR", "workdir": "DIR", "fsname": "NA
           "kernel_caches": "on|off", "readdirplus": "yes|auto", "writeback": "0|1",
           "passthrough": "on|off"}
 # Honoured flags.
-FLAGS = {"nonempty", "ro", "userxattr", "volatile", "debug", "squash_to_root"}
+FLAGS = {"nonempty", "ro", "userxattr", "volatile", "debug", "squash_to_root", "watch"}
 # Passed on to the kernel as mount flags.
 KERNEL_FLAGS = {"nosuid", "nodev", "noexec", "noatime", "sync", "dirsync"}
 # Accepted and ignored: cowfs always mounts this way, or has nothing the option would tune.
@@ -97,7 +97,8 @@ def parse(values: Sequence[str], *, is_root: bool = True) -> ParsedOptions:
         plain_listings=_switch(settings, "readdirplus", ("yes", "auto"), "auto",
                                default=False),
         writeback_cache=_switch(settings, "writeback", ("0", "1"), "1", default=False),
-        passthrough=_switch(settings, "passthrough", ("on", "off"), "on", default=False))
+        passthrough=_switch(settings, "passthrough", ("on", "off"), "on", default=False),
+        watch="watch" in flags)
     if conflict := parsed.mount.conflict():
         raise OptionError(conflict)
     return parsed

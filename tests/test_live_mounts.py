@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import cowfs_command, kernel_overlay, mounted_cowfs, mounted_overlay
+from conftest import cowfs_command, kernel_overlay, mounted_cowfs, mounted_overlay, wait_until
 
 import cowfs
 
@@ -213,3 +213,29 @@ def test_layer_remove_refused_while_a_metacopy_or_redirect_needs_it(
         assert inside.stderr.startswith("cowfs: lower layer ") and \
             "inside mount point" in inside.stderr
         assert cowfs.Mounted(str(merged)).stats()["lowers"] == [str(top), str(base)]
+
+
+def test_watch_refreshes_by_itself(live_image_watched: tuple[Path, Path, Path]) -> None:
+    top, base, merged = live_image_watched
+    (top / "etc" / "added").write_text("synced in\n")
+    (base / "etc" / "os-release").write_text("ID=edited\n")
+    (base / "usr" / "lib" / "libc.so").unlink()
+    wait_until(lambda: (merged / "etc" / "added").exists(), what="a new lower file shown")
+    wait_until(lambda: (merged / "etc" / "os-release").read_text() == "ID=edited\n",
+               what="an edited lower file shown")
+    wait_until(lambda: not (merged / "usr" / "lib" / "libc.so").exists(),
+               what="a removed lower file gone")
+    assert "watch" in cowfs.Mounted(str(merged)).stats()["options"]
+
+
+@pytest.fixture
+def live_image_watched(image: tuple[Path, Path], tmp_path: Path
+                       ) -> Iterator[tuple[Path, Path, Path]]:
+    top, base = image
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    with mounted_cowfs([top, base], merged, extra=("-o", "watch")):
+        view(merged)
+        with pytest.raises(FileNotFoundError):
+            (merged / "etc" / "added").stat()
+        yield top, base, merged
