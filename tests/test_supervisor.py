@@ -8,11 +8,11 @@ import signal
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import cowfs_command, is_mounted, stop_supervisors
+from conftest import cowfs_command, is_mounted, stop_supervisors, wait_until
 
 from cowfs import client, supervisor
 
@@ -151,10 +151,10 @@ def test_another_user_is_not_heard(reachable_runtime: dict[str, str]) -> None:
             os.setresuid(65534, 65534, 65534)
             connection = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             connection.connect(path)
-            connection.send(b"x")
             try:
+                connection.send(b"x")
                 answer = connection.recv(100)
-            except ConnectionResetError:        # closed with the request unread
+            except (BrokenPipeError, ConnectionResetError):   # closed before, or unread
                 answer = b""
             os.write(write_end, b"hung up" if answer == b"" else answer)
         finally:
@@ -165,3 +165,68 @@ def test_another_user_is_not_heard(reachable_runtime: dict[str, str]) -> None:
     os.waitpid(pid, 0)
     assert heard == "hung up"
     assert "0 commands served" in status(runtime)
+
+
+def served_by(path: str) -> int | str:
+    """The pid of the supervisor answering at *path*, or how it did not answer."""
+    try:
+        answer = supervisor.request_to(path, {"command": "status"})
+    except (BrokenPipeError, ConnectionResetError):     # closed before it was sent, or unread
+        return "hung up"
+    return answer["pid"] if answer is not None else "nobody"
+
+
+def test_two_users_supervisors_side_by_side(reachable_runtime: dict[str, str]) -> None:
+    """Root's supervisor and one of uid 65534's serve at once, each its own user alone."""
+    runtime = reachable_runtime
+    assert "commands served" in cowfs(runtime, "supervisor", "start").stdout
+    root_path = socket_path(runtime)
+    os.chmod(os.path.dirname(root_path), 0o711)     # the way in; the supervisor still checks
+    os.chmod(root_path, 0o666)
+    user_directory = Path(runtime["COWFS_RUNTIME_DIR"], "user")
+    user_directory.mkdir(mode=0o700)
+    os.chown(user_directory, 65534, 65534)
+    user_path = str(user_directory / os.path.basename(root_path))
+
+    def as_user(work: Callable[[], object], before: Callable[[], object] = lambda: None
+                ) -> int:
+        """Fork, do *before*, become uid 65534 (no exec, nor imports after: the interpreter
+        may be in a home it cannot read), and do *work*; the child's pid."""
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                before()
+                os.setgroups([])
+                os.setresgid(65534, 65534, 65534)
+                os.setresuid(65534, 65534, 65534)
+                work()
+                code = 0
+            finally:
+                os._exit(code)
+        return pid
+
+    user_supervisor = as_user(lambda: supervisor.serve(user_path),
+                              before=supervisor.Supervisor._preload)
+    try:
+        wait_until(lambda: os.path.exists(user_path), what="the user's supervisor")
+        read_end, write_end = os.pipe()
+
+        def ask_both() -> None:
+            answers = [served_by(path) for path in (user_path, root_path)]
+            os.write(write_end, json.dumps(answers).encode())
+
+        asker = as_user(ask_both)
+        os.close(write_end)
+        with os.fdopen(read_end) as pipe:
+            user_answers = json.loads(pipe.read())
+        assert os.waitpid(asker, 0)[1] == 0
+        # The user hears its own supervisor and not root's, which hangs up on it unheard;
+        # root is not the owner of the user's either.
+        assert user_answers == [user_supervisor, "hung up"]
+        assert served_by(user_path) == "hung up"
+        assert served_by(root_path) not in (user_supervisor, "hung up")
+        assert "0 commands served" in status(runtime)
+    finally:
+        os.kill(user_supervisor, signal.SIGTERM)
+        os.waitpid(user_supervisor, 0)
