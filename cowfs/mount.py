@@ -346,22 +346,26 @@ class Operations(pyfuse3.Operations):
         no copy-up runs, and nothing runs between it and the change."""
         await self._settle(*self._copying)
         layers_now = new_layers() if new_layers is not None else None
-        nodes = self.nodes.all()
-        kernel_names = {node.id: self._kernel_names(node.entry) for node in nodes}
-        node_paths = {node.id: _path_of(node.entry) for node in nodes}
-        refreshed = self.union.refresh([node.entry for node in nodes], self._open_entries(),
+        # Each node's entry, names and path as they were: rehoming moves the nodes.
+        old_entries = {node.id: node.entry for node in self.nodes.all()}
+        kernel_names = {node_id: self._kernel_names(entry)
+                        for node_id, entry in old_entries.items()}
+        node_paths = {node_id: _path_of(entry) for node_id, entry in old_entries.items()}
+        refreshed = self.union.refresh(list(old_entries.values()), self._open_entries(),
                                        layers_now)
         self.nodes.rehome(refreshed.found, self.union.root)
         self._rehome_handles(refreshed)
         gone = set(refreshed.gone)
-        for node in nodes:
-            if node.entry in gone and (path := node_paths[node.id]):
-                self._retired_paths[node.entry] = "/".join(path)
+        for node_id, entry in old_entries.items():
+            if entry in gone and (path := node_paths[node_id]):
+                self._retired_paths[entry] = "/".join(path)
         scope = None if paths is None else [tuple(filter(None, path.split("/")))
                                             for path in paths]
-        invalidations = self._invalidations(nodes, refreshed, kernel_names, node_paths, scope)
+        invalidations = self._invalidations(old_entries, refreshed, kernel_names, node_paths,
+                                            scope)
         await trio.to_thread.run_sync(_send_invalidations, invalidations)
-        return {"nodes": len(nodes), "changed": len(refreshed.gone) + len(refreshed.renumbered),
+        return {"nodes": len(old_entries),
+                "changed": len(refreshed.gone) + len(refreshed.renumbered),
                 "invalidated": len(invalidations)}
 
     def _lower_index(self, path: str) -> int:
@@ -392,7 +396,7 @@ class Operations(pyfuse3.Operations):
         for directory_handle in self._directory_handles.values():
             directory_handle.listing = None       # read again at the next readdir
 
-    def _invalidations(self, nodes: list[Node], refreshed: Refreshed,
+    def _invalidations(self, old_entries: dict[NodeId, Entry], refreshed: Refreshed,
                        kernel_names: dict[NodeId, list[tuple[NodeId, str]]],
                        node_paths: dict[NodeId, tuple[str, ...] | None],
                        scope: list[tuple[str, ...]] | None) -> list["_Invalidation"]:
@@ -407,22 +411,22 @@ class Operations(pyfuse3.Operations):
         refreshed_ids: list[_Invalidation] = []
         shown: set[tuple[NodeId, str]] = set()
         directories: list[tuple[NodeId, Directory]] = []
-        for node in nodes:
-            old = node.entry if node.id != ROOT_ID else None
+        for node_id, entry in old_entries.items():
+            old = entry if node_id != ROOT_ID else None
             new = self.union.root if old is None else refreshed.found.get(old)
             if old is not None and (new is None or old in refreshed.renumbered):
                 changed += [("entry", parent_id, name) for parent_id, name
-                            in kernel_names[node.id]]
+                            in kernel_names[node_id]]
                 continue
-            shown.update(kernel_names[node.id])
-            if not in_scope(() if old is None else node_paths[node.id]):
+            shown.update(kernel_names[node_id])
+            if not in_scope(() if old is None else node_paths[node_id]):
                 continue
             assert new is not None
             if isinstance(new, Directory):
-                directories.append((node.id, new))
-            elif new.layer == UPPER and not new.metacopy:
+                directories.append((node_id, new))
+            elif new.layer == UPPER and self.union.writable and not new.metacopy:
                 continue              # nothing of it is in a lower layer
-            refreshed_ids.append(("inode", node.id, ""))
+            refreshed_ids.append(("inode", node_id, ""))
         missing: list[_Invalidation] = []
         for node_id, directory in directories:
             if directory.layers == (UPPER,) and self.union.writable:

@@ -149,6 +149,28 @@ def test_refresh_of_paths_drops_what_is_cached_of_those(live: tuple[Path, Path, 
     assert outside.stderr == f"cowfs: {tmp_path} is not inside the mount {merged}\n"
 
 
+def test_refresh_leaves_what_did_not_change_to_the_kernel(live: tuple[Path, Path, Path],
+                                                           tmp_path: Path) -> None:
+    """A name that still shows its file is not invalidated: the kernel would detach what is
+    mounted on it (cowfs run's /proc and /dev, a container's bind mounts)."""
+    top, base, merged = live
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "mark").write_text("bound\n")
+    subprocess.run(["mount", "--bind", str(outside), str(merged / "usr" / "lib")], check=True)
+    try:
+        (base / "etc" / "os-release").write_text("ID=synced\n")
+        (top / "etc" / "motd").write_text("hello, synced\n")              # the top layer's
+        for refresh in (("refresh", str(merged)), ("refresh", str(merged), "usr")):
+            refreshed = cowfs_cli(*refresh)
+            assert refreshed.returncode == 0, refreshed.stderr
+            assert (merged / "usr" / "lib" / "mark").read_text() == "bound\n"
+        assert (merged / "etc" / "os-release").read_text() == "ID=synced\n"
+        assert (merged / "etc" / "motd").read_text() == "hello, synced\n"
+    finally:
+        subprocess.run(["umount", "-l", str(merged / "usr" / "lib")], check=False)
+
+
 def test_layer_add_and_remove_with_files_open(image: tuple[Path, Path],
                                               tmp_path: Path) -> None:
     top, base = image
