@@ -1,5 +1,3 @@
-import sys
+from cowfs.client import launch
 
-from cowfs.client import main
-
-sys.exit(main())
+launch()

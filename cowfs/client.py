@@ -96,6 +96,28 @@ def main(argv: list[str] | None = None) -> int:
     return cli.main(arguments)
 
 
+def launch() -> None:
+    """The `cowfs` command (bin/cowfs, `python -m cowfs`): `main`, and its exit.
+
+    A warm command leaves nothing of its own to finish in this process (no atexit handlers,
+    no threads, output written by the command's process), so it ends at once with its status
+    instead of finalising the interpreter, which costs about 3 ms here. A command run here
+    exits as usual.
+    """
+    arguments = sys.argv[1:]
+    if wants_warm(arguments):
+        code = run_warm(arguments)
+        if code is not None:
+            for stream in (sys.stdout, sys.stderr):
+                try:  # noqa: SIM105 (contextlib is one more import to start)
+                    stream.flush()
+                except (OSError, ValueError):     # a closed or broken stream
+                    pass
+            os._exit(code)
+    from cowfs import cli
+    sys.exit(cli.main(arguments))
+
+
 def run_warm(argv: list[str]) -> int | None:
     """The command's exit status from a warm process, or None to run it here."""
     path = socket_path()

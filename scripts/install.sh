@@ -37,8 +37,8 @@ fi
 [[ -e /dev/fuse ]] || modprobe fuse 2>/dev/null || say "warning: /dev/fuse is missing" >&2
 
 # The C extensions are built by pip too: a change to them (or to the build) reinstalls.
-stamp=".venv/.installed-$(cat pyproject.toml setup.py cowfs/_fuse_extensions.c scripts/install.sh \
-    | sha256sum | cut -c1-16)"
+stamp=".venv/.installed-$(cat pyproject.toml setup.py cowfs/_fuse_extensions.c bin/cowfs \
+    scripts/install.sh | sha256sum | cut -c1-16)"
 if [[ ! -e $stamp ]]; then
     [[ -x .venv/bin/python ]] || { say "creating .venv"; "$python" -m venv .venv; }
     say "installing cowfs into .venv"
@@ -54,3 +54,7 @@ if [[ ! -e $stamp ]]; then
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
+# pip compiles what it installs, but not an editable install's sources: they compile at first
+# import, and under PYTHONDONTWRITEBYTECODE=1 at every import, so that each `cowfs` command
+# would compile the client (~3 ms) and each cold one all of cowfs. A no-op when up to date.
+.venv/bin/python -m compileall -q cowfs
