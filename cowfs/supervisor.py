@@ -273,7 +273,9 @@ class Supervisor:
         import pyfuse3  # noqa: F401
         import trio  # noqa: F401
 
-        from cowfs import cli, daemon, mount, sandbox, union  # noqa: F401
+        from cowfs import cli, daemon, mount, sandbox, seccomp, union  # noqa: F401
+        cli.build_parser()
+        seccomp.preload()       # pyseccomp's import runs ldconfig twice: 25 ms of each run
 
     def _stop(self, _signum: int, _frame: object) -> None:
         self.running = False
