@@ -54,6 +54,14 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     _check(_libc.fallocate(fd, mode, offset, length), "fallocate")
 
 
+def release_free_memory() -> None:
+    """Give the pages malloc holds free back to the system (glibc's malloc_trim; elsewhere
+    nothing)."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 def syncfs(fd: int) -> None:
     """Write back everything of the filesystem *fd* is on (not only one file, as fsync)."""
     _check(_libc.syncfs(fd), "syncfs")

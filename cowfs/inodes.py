@@ -45,6 +45,10 @@ class InodeTable:
         self._fds = fds
         self._on_replaced = on_replaced
         self._nodes: dict[NodeId, Node] = {ROOT_ID: Node(ROOT_ID, union.root)}
+        self.peak = 1         # the most nodes known at once since the table last shrank
+
+    def __len__(self) -> int:
+        return len(self._nodes)
 
     def id_for(self, entry: Entry) -> NodeId:
         return NodeId(self._union.inode_number(entry))
@@ -71,6 +75,7 @@ class InodeTable:
         node = self._nodes.get(node_id)
         if node is None:
             node = self._nodes[node_id] = Node(node_id, entry)
+            self.peak = max(self.peak, len(self._nodes))
         elif node.entry is not entry:
             log.debug("node %d now shows %r instead of %r", node_id, entry, node.entry)
             old = node.entry
@@ -90,6 +95,12 @@ class InodeTable:
             del self._nodes[node.id]
             if isinstance(node.entry, Directory):
                 self._fds.discard(node.entry)
+
+    def shrink(self) -> None:
+        """A dict keeps the size it grew to: one that held 100k nodes and holds a few costs
+        megabytes until built again."""
+        self._nodes = dict(self._nodes)
+        self.peak = len(self._nodes)
 
     def all(self) -> list[Node]:
         return list(self._nodes.values())

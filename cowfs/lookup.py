@@ -241,6 +241,14 @@ class DirectoryFds:
             del self._recent[directory]
             self._close(directory)
 
+    @property
+    def open_directories(self) -> int:
+        return len(self._recent)
+
+    def shrink(self) -> None:
+        """Build the table again at the size it now needs (see `Union.shrink`)."""
+        self._recent = collections.OrderedDict(self._recent)
+
     def close_all(self) -> None:
         for directory in self._recent:
             self._close(directory)

@@ -11,6 +11,7 @@ import collections
 import contextlib
 import errno
 import functools
+import gc
 import json
 import logging
 import os
@@ -50,6 +51,8 @@ THREADED_COPY_BYTES = 1 << 20
 # A virtual xattr of the root: the copy-up statistics, the requests served and the kernel
 # features in use, as JSON (root only, as trusted.* is).
 STATS_XATTR = b"trusted.cowfs.stats"
+# The tables are built again once the nodes known fall to a quarter of at least this many.
+SHRINK_AFTER_NODES = 1024
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -176,6 +179,7 @@ class Operations(pyfuse3.Operations):
         # handler takes it; and how many files had suid or sgid removed so.
         self._kill_request: KillRequest | None = None
         self.privileges_killed = 0
+        self.shrinks = 0              # times the tables were built again (`_shrink`)
         # What `cowfs list` shows beside the live layers: set by whoever mounts.
         self.mountpoint = ""
         self.options: dict[str, object] = {}
@@ -269,13 +273,14 @@ class Operations(pyfuse3.Operations):
         """What the root's STATS_XATTR shows."""
         return {**self.union.statistics(), "requests": dict(self.requests),
                 "kernel_features": fuse_extensions.features().as_dict(),
-                **fuse_extensions.counters(), "privileges_killed": self.privileges_killed}
+                **fuse_extensions.counters(), "privileges_killed": self.privileges_killed,
+                "shrinks": self.shrinks}
 
     def describe(self) -> dict[str, object]:
         """What `cowfs list` and `cowfs stats` show of the mount."""
         stack = self.union.stack
         statistics = self.statistics()
-        statistics.update(nodes=len(self.nodes.all()), open_files=len(self._file_handles),
+        statistics.update(nodes=len(self.nodes), open_files=len(self._file_handles),
                           open_directories=len(self._directory_handles))
         return {"merged": self.mountpoint, "pid": os.getpid(),
                 "upper": stack.upper.path if stack.upper is not None else None,
@@ -508,6 +513,17 @@ class Operations(pyfuse3.Operations):
         self.requests["forget"] += 1
         for node_id, count in inode_list:
             self.nodes.forget(node_id, count)
+        if self.nodes.peak >= SHRINK_AFTER_NODES and len(self.nodes) < self.nodes.peak // 4:
+            self._shrink()
+
+    def _shrink(self) -> None:
+        """The kernel forgot most of the nodes (drop_caches, memory pressure): hand back what
+        held them. Each time the nodes known fell to a quarter, so rarely (tens of ms)."""
+        self.nodes.shrink()
+        self.union.shrink()
+        gc.collect()                 # entries in cycles (a directory and its names)
+        _libc.release_free_memory()
+        self.shrinks += 1
 
     @replies_errno
     async def getattr(self, inode: pyfuse3.InodeT,

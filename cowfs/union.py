@@ -143,11 +143,22 @@ class Union:
             self.stack.close()
 
     def statistics(self) -> dict[str, object]:
-        """Copy-up counts and times, and the durability mode: what a mount's root shows."""
+        """Copy-up counts and times, the durability mode, and what is held in memory: what a
+        mount's root shows."""
+        held = {"entries": len(self._entries), "files": len(self._files),
+                "directories_open": self.fds.open_directories}
         if self._copy_up is None or self.durability is None:
-            return {"fsync": None}
+            return {"fsync": None, **held}
         return {**dataclasses.asdict(self._copy_up.stats), "fsync": self.durability.mode,
-                "syncs": self.durability.syncs, "pending": self.durability.unsynced}
+                "syncs": self.durability.syncs, "pending": self.durability.unsynced, **held}
+
+    def shrink(self) -> None:
+        """Build the tables of names, files and open directories again at the size they now
+        need: after the kernel forgot most of what it knew, they would keep their largest
+        size (docs/ARCHITECTURE.md, "Memory that follows the kernel")."""
+        self._entries = weakref.WeakValueDictionary(self._entries)
+        self._files = weakref.WeakValueDictionary(self._files)
+        self.fds.shrink()
 
     # -- layers that change under the mount (docs/ARCHITECTURE.md, "Live mounts") ----------
 

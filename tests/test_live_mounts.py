@@ -261,3 +261,32 @@ def live_image_watched(image: tuple[Path, Path], tmp_path: Path
         with pytest.raises(FileNotFoundError):
             (merged / "etc" / "added").stat()
         yield top, base, merged
+
+
+def test_memory_follows_the_kernel(tmp_path: Path) -> None:
+    """Once the kernel forgets the nodes of a walk, the daemon lets go of their entries and
+    builds its tables again at the size they now need (RSS figures: benchmarks, ARCHITECTURE)."""
+    lower, merged = tmp_path / "lower", tmp_path / "merged"
+    for directory in range(30):
+        (lower / f"d{directory}").mkdir(parents=True)
+        for name in range(100):
+            (lower / f"d{directory}" / f"f{name}").touch()
+    merged.mkdir()
+    with mounted_cowfs([lower], merged):
+        walked = sum(len(files) + len(directories)
+                     for _, directories, files in os.walk(merged))
+        assert walked == 3030
+        handle = cowfs.Mounted(str(merged))
+        held = handle.stats()["statistics"]
+        assert isinstance(held, dict)
+        assert (held["nodes"], held["entries"], held["shrinks"]) == (3031, 3030, 0)
+
+        def forgotten() -> bool:
+            Path("/proc/sys/vm/drop_caches").write_text("2")     # dentries and inodes
+            statistics = handle.stats()["statistics"]
+            assert isinstance(statistics, dict)
+            return statistics["nodes"] == 1 and statistics["entries"] == 0
+        wait_until(forgotten, what="the kernel to forget the walk")
+        after = handle.stats()["statistics"]
+        assert isinstance(after, dict)
+        assert after["shrinks"] >= 1 and after["directories_open"] == 0
