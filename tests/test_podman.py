@@ -8,87 +8,28 @@ start, build and an unprivileged user, each checked through what the container s
 import contextlib
 import os
 import shutil
-import signal
 import stat
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import busybox_root, is_mounted, unmount_quietly, wait_until
+from conftest import busybox_root, is_mounted, wait_until
 
-from cowfs.layers import read_mountinfo
+from benchmarks.podman_store import PodmanStore
 
 pytestmark = pytest.mark.mounts
 
 COWFS = os.path.join(os.path.dirname(sys.executable), "cowfs")
 APPLETS = ("sh", "cat", "ls", "echo", "rm", "id", "sleep", "mkdir", "touch", "true")
 IMAGE = "localhost/bb:1"
-PODMAN_TIMEOUT_S = 60
 
 
-def storage_conf(store: Path) -> str:
-    return f"""\
-[storage]
-driver = "overlay"
-graphroot = "{store / 'root'}"
-runroot = "{store / 'run'}"
-[storage.options.overlay]
-mount_program = "{COWFS}"
-"""
-
-
-def containers_conf(store: Path) -> str:
-    """No static_dir: conmon runs `podman container cleanup` without our environment, so that
-    podman finds the database only at its default place, `<graphroot>/libpod` (with a private
-    static_dir, every container's exit went unrecorded and each `podman run` waited 20 s).
-    netns none and runc: see ../shared/notes/containers-storage.md; this VM lacks
-    CAP_SYS_RESOURCE, so podman's default rlimits would make runc fail."""
-    return f"""\
-[containers]
-netns = "none"
-default_ulimits = ["nofile=20000:20000", "nproc=16384:16384"]
-[engine]
-cgroup_manager = "cgroupfs"
-events_logger = "file"
-events_logfile_path = "{store / 'events.log'}"
-runtime = "runc"
-tmp_dir = "{store / 'tmp'}"
-image_copy_tmp_dir = "{store / 'tmp'}"
-volume_path = "{store / 'volumes'}"
-[network]
-network_config_dir = "{store / 'networks'}"
-"""
-
-
-class Podman:
-    """podman over one private store; the store's directory holds config and state."""
+class Podman(PodmanStore):
+    """podman over one private store, with cowfs as its mount_program."""
 
     def __init__(self, store: Path) -> None:
-        self.store = store
-        store.mkdir()
-        for name in ("root", "run", "tmp", "volumes", "networks"):
-            (store / name).mkdir()
-        files = {"storage.conf": storage_conf(store), "containers.conf": containers_conf(store),
-                 "registries.conf": "unqualified-search-registries = []\n"}
-        for name, text in files.items():
-            (store / name).write_text(text)
-        self.environment = {**os.environ,
-                            "CONTAINERS_STORAGE_CONF": str(store / "storage.conf"),
-                            "CONTAINERS_CONF": str(store / "containers.conf"),
-                            "CONTAINERS_REGISTRIES_CONF": str(store / "registries.conf")}
-
-    def __call__(self, *arguments: str, stdin: int | None = subprocess.DEVNULL
-                 ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["podman", *arguments], env=self.environment, stdin=stdin,
-                              capture_output=True, text=True, timeout=PODMAN_TIMEOUT_S,
-                              check=False)
-
-    def check(self, *arguments: str) -> str:
-        result = self(*arguments)
-        assert result.returncode == 0, f"podman {' '.join(arguments)}: {result.stderr}"
-        return result.stdout
+        super().__init__(store, COWFS)
 
     def merged_dir(self, container: str) -> str:
         return self.check("inspect", "--format", "{{.GraphDriver.Data.MergedDir}}",
@@ -97,34 +38,6 @@ class Podman:
     def upper_dir(self, container: str) -> Path:
         return Path(self.check("inspect", "--format", "{{.GraphDriver.Data.UpperDir}}",
                                container).strip())
-
-    def tear_down(self) -> list[str]:
-        """Remove everything podman made; returns the mounts and processes it left behind
-        (which are removed too). No `podman system reset`: it also deletes files beside the
-        store it was not asked about."""
-        self("rm", "-af", "-t", "0")
-        self("rmi", "-af")
-        leftovers = []
-        for pid in processes_naming(self.store):
-            leftovers.append(f"process {pid}")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for mount in sorted(read_mountinfo(), key=lambda mount: -len(mount.mountpoint)):
-            if mount.mountpoint.startswith(str(self.store)):
-                leftovers.append(f"mount {mount.mountpoint}")
-                unmount_quietly(mount.mountpoint)
-        return leftovers
-
-
-def processes_naming(path: Path) -> list[int]:
-    """conmon and cowfs daemons serving this store (their command lines name its paths)."""
-    needle = str(path).encode()
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            if needle in Path(f"/proc/{pid}/cmdline").read_bytes() and int(pid) != os.getpid():
-                found.append(int(pid))
-    return found
 
 
 def cowfs_daemons_at(merged: str) -> list[int]:
@@ -159,11 +72,7 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
     make_rootfs(rootfs)
     client = Podman(base / "store")
     try:
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        assert tar.stdout is not None
-        with tar:
-            imported = client("import", "-q", "-", IMAGE, stdin=tar.stdout.fileno())
-        assert imported.returncode == 0, imported.stderr
+        client.import_tree(rootfs, IMAGE)
         yield client
     finally:
         leftovers = client.tear_down()
