@@ -402,11 +402,17 @@ class Supervisor:
             os.umask(request["umask"])
             os.environ.clear()
             os.environ.update(request["environment"])
+            # As a cold start opens them (stderr escapes what it cannot encode: a path that is
+            # not UTF-8 is said, not a traceback).
             sys.stdin = open(0, closefd=False)  # noqa: SIM115
-            sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
-            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+            sys.stdout = open(1, "w", closefd=False,  # noqa: SIM115
+                              errors=getattr(sys.__stdout__, "errors", None))
+            sys.stderr = open(2, "w", closefd=False,  # noqa: SIM115
+                              errors=getattr(sys.__stderr__, "errors", "backslashreplace"))
             import setproctitle
-            setproctitle.setproctitle(" ".join(["cowfs", *request["argv"]]))
+            title = " ".join(["cowfs", *request["argv"]])
+            setproctitle.setproctitle(title.encode(errors="surrogateescape")
+                                      .decode(errors="replace"))
             self._send(connection, {"pid": os.getpid()})
             code = _run_cli(request["argv"])
         except BaseException:
