@@ -16,6 +16,7 @@ caller and handed to the payload as bytes, which loads it just before exec with 
 
 import contextlib
 import errno
+import functools
 import os
 
 from cowfs import _libc
@@ -71,8 +72,10 @@ def preload() -> None:
         import pyseccomp  # noqa: F401
 
 
+@functools.lru_cache(maxsize=16)
 def build(capabilities: frozenset[int]) -> bytes:
-    """The BPF program of the default profile for a payload keeping *capabilities*."""
+    """The BPF program of the default profile for a payload keeping *capabilities*; kept, so
+    that a supervisor builds the default one once for every warm `cowfs run` (2-3 ms each)."""
     try:
         import pyseccomp
     except (ImportError, RuntimeError) as exc:      # RuntimeError: no libseccomp.so found

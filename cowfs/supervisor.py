@@ -276,6 +276,8 @@ class Supervisor:
         from cowfs import cli, daemon, mount, sandbox, seccomp, union  # noqa: F401
         cli.build_parser()
         seccomp.preload()       # pyseccomp's import runs ldconfig twice: 25 ms of each run
+        with contextlib.suppress(seccomp.SeccompError, OSError, ValueError):
+            seccomp.build(sandbox.resolve_capabilities((), ())[0])     # the default profile
 
     def _stop(self, _signum: int, _frame: object) -> None:
         self.running = False
