@@ -14,7 +14,6 @@ milliseconds. Every store is torn down at the end, also when the run fails.
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 
 from benchmarks.podman_store import PodmanStore
-from benchmarks.run_startup import COWFS, make_rootfs
+from benchmarks.run_startup import COWFS, make_rootfs, print_table
 
 IMAGE = "localhost/startup:1"
 
@@ -72,10 +71,8 @@ def main() -> int:
                     print(f"{label}: podman left behind {leftovers}", file=sys.stderr)
             subprocess.run([COWFS, "supervisor", "stop"], check=False, capture_output=True,
                            env=warm)
-    print(f"podman run --rm IMAGE /bin/true, {arguments.rounds} rounds (ms):")
-    for label, values in times.items():
-        print(f"  {label:16} median {statistics.median(values):7.1f}  "
-              f"min {min(values):7.1f}  max {max(values):7.1f}")
+    print_table({f"podman run --rm, {label}": values for label, values in times.items()},
+                arguments.rounds)
     return 0
 
 

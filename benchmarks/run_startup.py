@@ -141,12 +141,17 @@ def main() -> int:
             for merged in directory.glob("*/merged"):
                 if os.path.ismount(merged):
                     subprocess.run(["umount", "-l", str(merged)], check=False)
-    print(f"| command | median ms | min | max | rounds: {arguments.rounds} |")
+    print_table(times, arguments.rounds)
+    return 0
+
+
+def print_table(times: dict[str, list[float]], rounds: int) -> None:
+    """Median, min and max of each command's milliseconds, as a Markdown table."""
+    print(f"| command | median ms | min | max | rounds: {rounds} |")
     print("|---|---|---|---|---|")
     for label, samples in times.items():
         print(f"| {label} | {statistics.median(samples):.1f} | {min(samples):.1f} "
               f"| {max(samples):.1f} | |")
-    return 0
 
 
 if __name__ == "__main__":
