@@ -403,12 +403,13 @@ def _check_mountpoint(places: list[_Place], mountpoint: str, *, nonempty: bool) 
     return resolved
 
 
-def unmount(mountpoint: str, *, lazy: bool = False) -> None:
+def unmount(mountpoint: str, *, lazy: bool = False, wait: bool = True) -> None:
     """Unmount a FUSE mount: as root with umount2, else with `fusermount3 -u`, which may
     unmount what its caller mounted (a program less to start as root: 3 ms of each `cowfs
-    run`); lazily: detach now, finish when no longer busy. Raises OSError with the reason."""
+    run`); lazily: detach now, finish when no longer busy. Raises OSError with the reason.
+    *wait* False: the caller waits for the daemon itself (the library's handle, by pid)."""
     resolved = os.path.realpath(mountpoint)
-    daemons = [] if lazy else _daemon_pidfds(resolved)
+    daemons = [] if lazy or not wait else _daemon_pidfds(resolved)
     try:
         if os.geteuid() == 0:
             try:
