@@ -18,7 +18,9 @@ import os
 import sys
 
 # Commands a warm process runs; the rest (help, OCI tar work, foreground mounts) run here.
-WARM_COMMANDS = ("mount", "umount", "run", "cleanup")
+# cowfs/launcher.c knows the same lists.
+WARM_COMMANDS = ("mount", "umount", "run", "cleanup", "list", "stats", "refresh")
+WARM_LAYER_ACTIONS = ("add", "remove")      # `cowfs layer add|remove`, not import or export
 FOREGROUND_FLAGS = ("-f", "--foreground")
 # Message sizes: a request carries argv and the environment.
 MAX_MESSAGE = 1 << 20
@@ -79,7 +81,8 @@ def wants_warm(argv: list[str]) -> bool:
         return False
     if any(flag in argv for flag in FOREGROUND_FLAGS):
         return False
-    if argv[0] in WARM_COMMANDS:
+    if argv[0] in WARM_COMMANDS or (argv[0] == "layer" and argv[1:2]
+                                     and argv[1] in WARM_LAYER_ACTIONS):
         return not any(flag in argv[:argv.index("--") if "--" in argv else len(argv)]
                        for flag in ("-h", "--help"))
     # The mount-program form (`cowfs -o lowerdir=... MERGED`), as podman and mount.fuse3 call.

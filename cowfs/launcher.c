@@ -33,7 +33,9 @@
 
 extern char **environ;
 
-static const char *const warm_commands[] = {"mount", "umount", "run", "cleanup", NULL};
+static const char *const warm_commands[] = {"mount", "umount", "run", "cleanup", "list", "stats",
+                                            "refresh", NULL};
+static const char *const warm_layer_actions[] = {"add", "remove", NULL};
 static const int forwarded_signals[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT};
 static pid_t command_pid;
 
@@ -85,9 +87,12 @@ static int wants_warm(int argc, char **argv) {
     for (int index = 1; index < argc; index++)
         if (strcmp(argv[index], "-f") == 0 || strcmp(argv[index], "--foreground") == 0)
             return 0;
-    for (int index = 0; warm_commands[index] != NULL; index++) {
-        if (strcmp(argv[1], warm_commands[index]) != 0)
-            continue;
+    int warm = 0;
+    for (int index = 0; warm_commands[index] != NULL; index++)
+        warm |= strcmp(argv[1], warm_commands[index]) == 0;
+    for (int index = 0; argc > 2 && warm_layer_actions[index] != NULL; index++)
+        warm |= strcmp(argv[1], "layer") == 0 && strcmp(argv[2], warm_layer_actions[index]) == 0;
+    if (warm) {
         for (int argument = 1; argument < argc && strcmp(argv[argument], "--") != 0; argument++)
             if (strcmp(argv[argument], "-h") == 0 || strcmp(argv[argument], "--help") == 0)
                 return 0;

@@ -41,15 +41,20 @@ def supervisor_status() -> str:
 
 
 @pytest.mark.mounts
-def test_the_c_launcher_is_served_warm_without_starting_python() -> None:
+@pytest.mark.parametrize(("arguments", "status", "error"), [
+    (("umount", "/nonexistent"), 2, "cowfs: /nonexistent is not a cowfs mount\n"),
+    (("list", "--json"), 0, ""),
+    (("layer", "remove", "/nonexistent", "/x"), 32, "cowfs: /nonexistent is not a cowfs mount\n"),
+], ids=["umount", "list", "layer remove"])
+def test_the_c_launcher_is_served_warm_without_starting_python(
+        arguments: tuple[str, ...], status: int, error: str) -> None:
     """It finds the Python client's supervisor (same slot, same build stamp: a stale one would
     make way for a new pid) and needs no interpreter: with PYTHONHOME broken, any Python it
     started would die before a word of cowfs's."""
     assert launch("umount", "/nonexistent", environment=WARM).returncode == 2   # warm now
     before = supervisor_status()
-    result = launch("umount", "/nonexistent",
-                    environment={**WARM, "PYTHONHOME": "/nonexistent"})
-    assert (result.returncode, result.stderr) == (2, "cowfs: /nonexistent is not a cowfs mount\n")
+    result = launch(*arguments, environment={**WARM, "PYTHONHOME": "/nonexistent"})
+    assert (result.returncode, result.stderr) == (status, error)
     pid, served = before.split()[2], int(before.split(": ")[1].split()[0])
     after = supervisor_status()
     assert after.split()[2] == pid and int(after.split(": ")[1].split()[0]) == served + 1
