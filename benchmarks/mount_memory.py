@@ -29,15 +29,16 @@ def memory_kib(pid: int) -> dict[str, int]:
     return fields
 
 
-def cowfs_processes(merged_paths: set[str]) -> dict[int, str]:
-    """Pid and title of each mount's daemon and of any cowfs supervisor."""
+def cowfs_processes(merged_paths: set[str], runtime: Path) -> dict[int, str]:
+    """Pid and title of each mount's daemon and of this run's supervisor (not another's: it
+    would add its own tens of MiB)."""
     found = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
         except OSError:
             continue
-        if title.startswith("cowfs supervisor ") or (
+        if title.startswith(f"cowfs supervisor {runtime}/") or (
                 title.startswith("cowfs daemon ")
                 and title[len("cowfs daemon "):] in merged_paths):
             found[int(pid)] = title
@@ -71,7 +72,7 @@ def main() -> int:
                 (merged / "etc" / "os-release").read_text()
                 print(f"\rmounted {number + 1}/{arguments.mounts}", end="", file=sys.stderr)
             print(file=sys.stderr)
-            processes = cowfs_processes({str(path) for path in merged_paths})
+            processes = cowfs_processes({str(path) for path in merged_paths}, runtime)
             daemons = [pid for pid, title in processes.items() if title.startswith("cowfs daemon")]
             assert len(daemons) == arguments.mounts, f"found {len(daemons)} daemons"
             totals = {"Rss": 0, "Pss": 0}
