@@ -180,6 +180,7 @@ class Operations(pyfuse3.Operations):
         self._kill_request: KillRequest | None = None
         self.privileges_killed = 0
         self.shrinks = 0              # times the tables were built again (`_shrink`)
+        self.initialized = trio.Event()   # the kernel's INIT answered (`init`)
         # What `cowfs list` shows beside the live layers: set by whoever mounts.
         self.mountpoint = ""
         self.options: dict[str, object] = {}
@@ -487,6 +488,11 @@ class Operations(pyfuse3.Operations):
         return st.st_mode & ~kill
 
     # -- reading ----------------------------------------------------------------------------
+
+    def init(self) -> None:
+        """pyfuse3 calls this while answering INIT; the answer goes out before its session
+        loop next waits, so a task woken here runs after the kernel took it."""
+        self.initialized.set()
 
     @replies_errno
     async def lookup(self, parent_inode: pyfuse3.InodeT, name: bytes,
@@ -1087,6 +1093,13 @@ async def _terminate_on_signal(*, task_status: trio.TaskStatus[None] = trio.TASK
             return
 
 
+async def _raise_read_ahead_once_initialized(operations: Operations) -> None:
+    """The kernel sets a FUSE mount's read-ahead from INIT's answer (lowering it only, to the
+    128 KiB it offered), so it is raised once that answer is in."""
+    await operations.initialized.wait()
+    raise_read_ahead(operations.mountpoint)
+
+
 def raise_read_ahead(mountpoint: str) -> None:
     """Let the kernel read ahead 1 MiB: four times fewer read requests on sequential reads."""
     devices = [mount.device for mount in read_mountinfo() if mount.mountpoint == mountpoint]
@@ -1105,7 +1118,6 @@ def mount(operations: Operations, mountpoint: str, options: set[str]) -> None:
     fuse_extensions.route_kill_requests(operations)
     pyfuse3.init(operations, mountpoint, options)
     fuse_extensions.check_session()
-    raise_read_ahead(mountpoint)
 
 
 async def _serve_control(operations: Operations, *,
@@ -1212,6 +1224,7 @@ async def serve(early_signals: list[int], operations: Operations) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(_terminate_on_signal)
             await nursery.start(_serve_control, operations)
+            nursery.start_soon(_raise_read_ahead_once_initialized, operations)
             if operations.watch_lowers:
                 operations.lower_watch = LowerWatch(operations.refresh)
                 operations.watch_directory(operations.union.root)

@@ -2,6 +2,7 @@
 
 import contextlib
 import errno
+import json
 import mmap
 import os
 import signal
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from conftest import mounted_cowfs, reap, unmount_quietly, wait_until
+
+from cowfs.layers import read_mountinfo
 
 pytestmark = pytest.mark.mounts
 
@@ -273,3 +276,24 @@ def test_other_users_get_the_kernels_permission_checks(world_readable_dirs: Path
         assert cat_as_nobody("public").stdout == "for everyone"
         denied = cat_as_nobody("private")
         assert denied.returncode != 0 and "Permission denied" in denied.stderr
+
+
+def test_the_kernel_reads_ahead_a_mebibyte(layer_dirs) -> None:
+    """The kernel sets a FUSE mount's read-ahead from INIT's answer, lowering it only: raised
+    after that answer, a sequential read of 16 MiB asks the daemon about 16 times (1 MiB
+    each), not 64 (256 KiB each, as when it was raised before INIT and so undone)."""
+    lower, upper, merged = layer_dirs("lower", "upper", "merged")
+    (lower / "big").write_bytes(os.urandom(1 << 20) * 16)
+    with mounted_cowfs([lower], merged, upper):
+        device = next(mount.device for mount in read_mountinfo()
+                      if mount.mountpoint == str(merged))
+
+        def reads() -> int:
+            return json.loads(os.getxattr(merged, "trusted.cowfs.stats"))["requests"].get(
+                "read", 0)
+        before = reads()
+        with open(merged / "big", "rb") as file:
+            while file.read(1 << 16):
+                pass
+        assert Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text() == "1024\n"
+        assert reads() - before <= 20
