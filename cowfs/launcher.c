@@ -290,7 +290,7 @@ static int encode_request(struct buffer *buffer, int argc, char **argv, const ch
     return !buffer->failed;
 }
 
-enum reply_kind { REPLY_UNKNOWN, REPLY_PID, REPLY_RETURNCODE, REPLY_OTHER };
+enum reply_kind { REPLY_UNKNOWN, REPLY_PID, REPLY_RETURNCODE };
 
 struct reply {
     enum reply_kind kind;
@@ -331,7 +331,7 @@ static int take_string(const unsigned char **cursor, const unsigned char *end,
 }
 
 /* The supervisor's one-entry answers: {"pid": N}, {"returncode": N}; anything else (cold,
- * stale, status) is REPLY_OTHER, an unreadable one REPLY_UNKNOWN. */
+ * stale, or unreadable) is REPLY_UNKNOWN. */
 static struct reply decode_reply(const unsigned char *data, size_t size) {
     struct reply reply = {REPLY_UNKNOWN, 0};
     const unsigned char *cursor = data, *end = data + size, *key;
@@ -343,11 +343,7 @@ static struct reply decode_reply(const unsigned char *data, size_t size) {
         return reply;
     int is_pid = key_length == 3 && memcmp(key, "pid", 3) == 0;
     int is_returncode = key_length == 10 && memcmp(key, "returncode", 10) == 0;
-    if (!is_pid && !is_returncode) {
-        reply.kind = REPLY_OTHER;
-        return reply;
-    }
-    if ((*cursor++ & 0x7f) != 'i' || !take_int32(&cursor, end, &value))
+    if ((!is_pid && !is_returncode) || (*cursor++ & 0x7f) != 'i' || !take_int32(&cursor, end, &value))
         return reply;
     reply.kind = is_pid ? REPLY_PID : REPLY_RETURNCODE;
     reply.value = value;

@@ -1093,20 +1093,13 @@ async def _terminate_on_signal(*, task_status: trio.TaskStatus[None] = trio.TASK
             return
 
 
-async def _raise_read_ahead_once_initialized(operations: Operations) -> None:
-    """The kernel sets a FUSE mount's read-ahead from INIT's answer (lowering it only, to the
+async def _raise_read_ahead_once_initialized(operations: Operations, device: str) -> None:
+    """Let the kernel read ahead 1 MiB: four times fewer read requests on sequential reads.
+    The kernel sets a FUSE mount's read-ahead from INIT's answer (lowering it only, to the
     128 KiB it offered), so it is raised once that answer is in."""
     await operations.initialized.wait()
-    raise_read_ahead(operations.mountpoint)
-
-
-def raise_read_ahead(mountpoint: str) -> None:
-    """Let the kernel read ahead 1 MiB: four times fewer read requests on sequential reads."""
-    devices = [mount.device for mount in read_mountinfo() if mount.mountpoint == mountpoint]
-    if not devices:
-        return
     try:
-        with open(f"/sys/class/bdi/{devices[-1]}/read_ahead_kb", "w") as setting:
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as setting:
             setting.write(str(READ_AHEAD_KB))
     except OSError as exc:
         log.debug("read_ahead_kb not raised: %s", exc)
@@ -1120,11 +1113,11 @@ def mount(operations: Operations, mountpoint: str, options: set[str]) -> None:
     fuse_extensions.check_session()
 
 
-async def _serve_control(operations: Operations, *,
+async def _serve_control(operations: Operations, device: str | None, *,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Answer `cowfs list`, `stats`, `refresh` and `layer add/remove` for this mount on its
-    control socket (`cowfs.control`) until cancelled."""
-    device = control.own_device(operations.mountpoint, read_mountinfo())
+    control socket (`cowfs.control`, named after the FUSE connection's *device*) until
+    cancelled."""
     path = control.socket_path(device) if device is not None else None
     listener = await _listen(path) if path is not None else None
     task_status.started()
@@ -1223,8 +1216,12 @@ async def serve(early_signals: list[int], operations: Operations) -> None:
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(_terminate_on_signal)
-            await nursery.start(_serve_control, operations)
-            nursery.start_soon(_raise_read_ahead_once_initialized, operations)
+            # The FUSE connection's major:minor, which names the control socket and the
+            # mount's read-ahead setting.
+            device = control.own_device(operations.mountpoint, read_mountinfo())
+            await nursery.start(_serve_control, operations, device)
+            if device is not None:
+                nursery.start_soon(_raise_read_ahead_once_initialized, operations, device)
             if operations.watch_lowers:
                 operations.lower_watch = LowerWatch(operations.refresh)
                 operations.watch_directory(operations.union.root)
