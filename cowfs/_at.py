@@ -8,6 +8,8 @@ fd holds, and with follow_symlinks=False the last component, a single name, is n
 import errno
 import os
 
+from cowfs import _libc
+
 # Flags for a directory fd that only anchors *at() calls: no read permission needed, no atime.
 DIR_PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -27,10 +29,41 @@ def check_name(name: str) -> None:
         raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), name)
 
 
+# Whether the kernel has getxattrat(2) and listxattrat(2) (Linux 6.13): then a name's xattrs
+# are read without the walk through /proc/self/fd.
+_xattrat = True
+
+
+def read_xattr(dir_fd: int, name: str | None, attribute: str) -> bytes:
+    """The value of *attribute* on (dir_fd, name); OSError (ENODATA) when it is not set."""
+    global _xattrat
+    if name is not None and _xattrat:
+        try:
+            return _libc.getxattrat(dir_fd, name, attribute)
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+            _xattrat = False
+    return os.getxattr(fd_path(dir_fd, name), attribute, follow_symlinks=name is None)
+
+
+def read_xattr_names(dir_fd: int, name: str | None) -> list[str]:
+    """The xattr names of (dir_fd, name)."""
+    global _xattrat
+    if name is not None and _xattrat:
+        try:
+            return _libc.listxattrat(dir_fd, name)
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+            _xattrat = False
+    return os.listxattr(fd_path(dir_fd, name), follow_symlinks=name is None)
+
+
 def get_xattr(dir_fd: int, name: str | None, attribute: str) -> bytes | None:
     """The value of *attribute* on (dir_fd, name), or None when it is not set or not supported."""
     try:
-        return os.getxattr(fd_path(dir_fd, name), attribute, follow_symlinks=name is None)
+        return read_xattr(dir_fd, name, attribute)
     except OSError as exc:
         if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
             return None
@@ -40,7 +73,7 @@ def get_xattr(dir_fd: int, name: str | None, attribute: str) -> bytes | None:
 def list_xattrs(dir_fd: int, name: str | None) -> list[str]:
     """The xattr names of (dir_fd, name); none where the filesystem or file type has none."""
     try:
-        return os.listxattr(fd_path(dir_fd, name), follow_symlinks=name is None)
+        return read_xattr_names(dir_fd, name)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EPERM):
             return []

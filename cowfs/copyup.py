@@ -103,12 +103,11 @@ def _copy_range(source_fd: int, target_fd: int, offset: int, length: int) -> Non
 def copy_xattrs(source_dir_fd: int, source_name: str | None, target_dir_fd: int,
                 target_name: str | None) -> None:
     """Every xattr but overlay's own private ones (a user's escaped ones are data)."""
-    source = _at.fd_path(source_dir_fd, source_name)
     target = _at.fd_path(target_dir_fd, target_name)
     for attribute in _at.list_xattrs(source_dir_fd, source_name):
         if whiteout.visible_xattr_name(attribute) is None:
             continue
-        value = os.getxattr(source, attribute, follow_symlinks=source_name is None)
+        value = _at.read_xattr(source_dir_fd, source_name, attribute)
         os.setxattr(target, attribute, value, follow_symlinks=target_name is None)
 
 

@@ -627,8 +627,7 @@ class Union:
         """A user-visible xattr: asking for `trusted.overlay.X` reads the user's own, escaped
         copy, so overlay's private xattrs cannot be read through the union."""
         directory_fd, name = self._xattr_target(entry)
-        return os.getxattr(_at.fd_path(directory_fd, name), whiteout.stored_xattr_name(attribute),
-                           follow_symlinks=name is None)
+        return _at.read_xattr(directory_fd, name, whiteout.stored_xattr_name(attribute))
 
     def list_xattrs(self, entry: Entry) -> list[str]:
         directory_fd, name = self._xattr_target(entry)
