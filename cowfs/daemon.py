@@ -47,6 +47,9 @@ class MountOptions:
     # FUSE passthrough (`-o passthrough=on`; libfuse >= 3.17, root): the kernel reads and
     # writes the backing files itself (docs/ARCHITECTURE.md says when).
     passthrough: bool = False
+    # Poll /dev/fuse for a moment after each reply before sleeping (`-o request_poll=on`, the
+    # default; `cowfs.request_wait`): on with more than one CPU.
+    request_poll: bool = True
     # Refresh by itself what changes in the lower layers (`-o watch`: inotify, `cowfs.watch`).
     watch: bool = False
 
@@ -57,7 +60,8 @@ class MountOptions:
                  f"kernel_caches={'on' if self.kernel_caches else 'off'}",
                  f"readdirplus={'auto' if self.plain_listings else 'yes'}",
                  f"writeback={int(self.writeback_cache)}",
-                 f"passthrough={'on' if self.passthrough else 'off'}"]
+                 f"passthrough={'on' if self.passthrough else 'off'}",
+                 f"request_poll={'on' if self.request_poll else 'off'}"]
         if stack.xattr_prefix.startswith("user."):
             shown.append("userxattr")
         if self.watch:
@@ -96,6 +100,8 @@ def serve(stack: LayerStack, mountpoint: str, options: MountOptions,
         operations.mountpoint = os.path.realpath(mountpoint)
         operations.options = options.as_options(stack)
         operations.watch_lowers = options.watch
+        if not options.request_poll:
+            operations.request_wait.spin_ns = 0
         fuse_options = mount.fuse_options(readonly=options.readonly, fsname=options.fsname)
         mount.run(operations, mountpoint, fuse_options | options.kernel_flags,
                   on_mounted or (lambda: None))

@@ -38,19 +38,21 @@ DEFAULT_FORMAT = FormatOptions()
 
 @dataclasses.dataclass(frozen=True)
 class KernelOptions:
-    """What the kernel does for the mount beyond plain FUSE (docs/ARCHITECTURE.md says what
-    each costs and gains), as `cowfs mount -o` spells them."""
+    """What the kernel does for the mount beyond plain FUSE, and how the daemon waits for it
+    (docs/ARCHITECTURE.md says what each costs and gains), as `cowfs mount -o` spells them."""
 
     caches: bool = True             # cached listings and symlinks, the extra operations
     plain_listings: bool = False    # readdirplus=auto: plain READDIR where no stat follows
     writeback: bool = False         # writeback=1: writes gather in the kernel's page cache
     passthrough: bool = False       # passthrough=on: libfuse >= 3.17 and root, else ignored
+    request_poll: bool = True       # request_poll=on: after a reply, poll for the next request
 
     def as_options(self) -> list[str]:
         return [f"kernel_caches={'on' if self.caches else 'off'}",
                 f"readdirplus={'auto' if self.plain_listings else 'yes'}",
                 f"writeback={int(self.writeback)}",
-                f"passthrough={'on' if self.passthrough else 'off'}"]
+                f"passthrough={'on' if self.passthrough else 'off'}",
+                f"request_poll={'on' if self.request_poll else 'off'}"]
 
 
 DEFAULT_KERNEL = KernelOptions()
@@ -204,7 +206,8 @@ def mount_stack(lowers: Sequence[str], mountpoint: str, *, upper: str | None = N
                                   kernel_caches=kernel.caches,
                                   plain_listings=kernel.plain_listings,
                                   writeback_cache=kernel.writeback,
-                                  passthrough=kernel.passthrough)
+                                  passthrough=kernel.passthrough,
+                                  request_poll=kernel.request_poll)
     if conflict := options.conflict():
         raise MountError(conflict, 2)
     if threading.active_count() > 1:

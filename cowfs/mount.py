@@ -26,7 +26,7 @@ from typing import Any, NamedTuple, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from cowfs import _libc, control, fuse_extensions, layers, privileges
+from cowfs import _libc, control, fuse_extensions, layers, privileges, request_wait
 from cowfs.durability import BATCH, BATCH_DELAY_S, VOLATILE, Durability
 from cowfs.idmap import IDENTITY, IdMap
 from cowfs.inodes import ROOT_ID, InodeTable, Node, NodeId
@@ -180,6 +180,8 @@ class Operations(pyfuse3.Operations):
         self._kill_request: KillRequest | None = None
         self.privileges_killed = 0
         self.shrinks = 0              # times the tables were built again (`_shrink`)
+        # How the request loop waits for the kernel (installed into pyfuse3 by `serve`).
+        self.request_wait = request_wait.RequestWait(request_wait.spin_by_default())
         self.initialized = trio.Event()   # the kernel's INIT answered (`init`)
         # What `cowfs list` shows beside the live layers: set by whoever mounts.
         self.mountpoint = ""
@@ -275,7 +277,9 @@ class Operations(pyfuse3.Operations):
         return {**self.union.statistics(), "requests": dict(self.requests),
                 "kernel_features": fuse_extensions.features().as_dict(),
                 **fuse_extensions.counters(), "privileges_killed": self.privileges_killed,
-                "shrinks": self.shrinks}
+                "shrinks": self.shrinks, "requests_polled": self.request_wait.caught,
+                "request_sleeps": self.request_wait.slept,
+                "request_polls_missed": self.request_wait.missed}
 
     def describe(self) -> dict[str, object]:
         """What `cowfs list` and `cowfs stats` show of the mount."""
@@ -1232,6 +1236,7 @@ async def serve(early_signals: list[int], operations: Operations) -> None:
             if early_signals:
                 log.info("signal %d before serving: unmounting", early_signals[0])
             else:
+                request_wait.install(operations.request_wait)
                 await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:

@@ -19,7 +19,7 @@ VALUED = {"lowerdir": "DIRS", "upperdir": "DIR", "workdir": "DIR", "fsname": "NA
           "gidmapping": "A:B:N[:A:B:N...]", "squash_to_uid": "UID", "squash_to_gid": "GID",
           "metacopy": "on|off", "redirect_dir": "on|follow|off|nofollow", "index": "on|off",
           "kernel_caches": "on|off", "readdirplus": "yes|auto", "writeback": "0|1",
-          "passthrough": "on|off"}
+          "passthrough": "on|off", "request_poll": "on|off"}
 # Honoured flags.
 FLAGS = {"nonempty", "ro", "userxattr", "volatile", "debug", "squash_to_root", "watch"}
 # Passed on to the kernel as mount flags.
@@ -98,6 +98,7 @@ def parse(values: Sequence[str], *, is_root: bool = True) -> ParsedOptions:
                                default=False),
         writeback_cache=_switch(settings, "writeback", ("0", "1"), "1", default=False),
         passthrough=_switch(settings, "passthrough", ("on", "off"), "on", default=False),
+        request_poll=_switch(settings, "request_poll", ("on", "off"), "on", default=True),
         watch="watch" in flags)
     if conflict := parsed.mount.conflict():
         raise OptionError(conflict)
