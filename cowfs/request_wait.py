@@ -5,7 +5,8 @@ A caller that works through the mount (tar, dpkg, a stat walk) sends its next re
 microseconds after the reply to its last one. Sleeping in epoll between the two costs more than
 serving the request: a round trip through trio's scheduler and two wakeups, each an
 inter-processor interrupt on a VM. So after each reply the daemon polls the device without
-sleeping for up to `SPIN_NS`, and serves what comes without going through the scheduler. It
+sleeping for up to `SPIN_NS` (yielding the CPU at each turn, in case the caller was woken on
+this one), and serves what comes without going through the scheduler. It
 goes through it at least every `YIELD_EVERY_NS`, so the mount's other tasks (the control
 socket, a copy-up finished in a thread, the durability batches) still run, and always when
 nothing came in time: an idle mount sleeps as before.
@@ -89,6 +90,7 @@ class RequestWait:
                         self.caught += 1
                         self._credit = min(self._credit + 1, MAX_CREDIT)
                         return
+                    os.sched_yield()     # the caller may be waiting for this CPU
                     now = time.perf_counter_ns()
                     if now >= deadline:
                         break
