@@ -7,8 +7,12 @@ fd holds, and with follow_symlinks=False the last component, a single name, is n
 
 import errno
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 from cowfs import _libc
+
+T = TypeVar("T")
 
 # Flags for a directory fd that only anchors *at() calls: no read permission needed, no atime.
 DIR_PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -36,28 +40,27 @@ _xattrat = True
 
 def read_xattr(dir_fd: int, name: str | None, attribute: str) -> bytes:
     """The value of *attribute* on (dir_fd, name); OSError (ENODATA) when it is not set."""
-    global _xattrat
-    if name is not None and _xattrat:
-        try:
-            return _libc.getxattrat(dir_fd, name, attribute)
-        except OSError as exc:
-            if exc.errno != errno.ENOSYS:
-                raise
-            _xattrat = False
-    return os.getxattr(fd_path(dir_fd, name), attribute, follow_symlinks=name is None)
+    return _xattr_call(_libc.getxattrat, os.getxattr, dir_fd, name, attribute)
 
 
 def read_xattr_names(dir_fd: int, name: str | None) -> list[str]:
     """The xattr names of (dir_fd, name)."""
+    return _xattr_call(_libc.listxattrat, os.listxattr, dir_fd, name)
+
+
+def _xattr_call(relative: Callable[..., T], by_path: Callable[..., T], dir_fd: int,
+                name: str | None, *arguments: str) -> T:
+    """*relative* (the *xattrat call) where the kernel has it and there is a name, else
+    *by_path* through /proc/self/fd."""
     global _xattrat
     if name is not None and _xattrat:
         try:
-            return _libc.listxattrat(dir_fd, name)
+            return relative(dir_fd, name, *arguments)
         except OSError as exc:
             if exc.errno != errno.ENOSYS:
                 raise
             _xattrat = False
-    return os.listxattr(fd_path(dir_fd, name), follow_symlinks=name is None)
+    return by_path(fd_path(dir_fd, name), *arguments, follow_symlinks=name is None)
 
 
 def get_xattr(dir_fd: int, name: str | None, attribute: str) -> bytes | None:

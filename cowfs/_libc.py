@@ -195,8 +195,8 @@ class _XattrBuffer(threading.local):
 
 _xattr_buffer = _XattrBuffer()
 # -1 where the number is not known: the call fails with ENOSYS, as on an older kernel.
-_GETXATTRAT = _SYSCALL_NUMBERS.get(os.uname().machine, {}).get("getxattrat", -1)
-_LISTXATTRAT = _SYSCALL_NUMBERS.get(os.uname().machine, {}).get("listxattrat", -1)
+_GETXATTRAT, _LISTXATTRAT = (_SYSCALL_NUMBERS.get(os.uname().machine, {}).get(name, -1)
+                             for name in ("getxattrat", "listxattrat"))
 
 
 def getxattrat(dir_fd: int, name: str, attribute: str) -> bytes:

@@ -96,12 +96,11 @@ def serve(stack: LayerStack, mountpoint: str, options: MountOptions,
     merged = union.Union(stack, fsync=options.fsync)
     try:
         operations = mount.Operations(merged, options.uids, options.gids,
-                                      writeback_cache=options.writeback_cache)
+                                      writeback_cache=options.writeback_cache,
+                                      request_poll=options.request_poll)
         operations.mountpoint = os.path.realpath(mountpoint)
         operations.options = options.as_options(stack)
         operations.watch_lowers = options.watch
-        if not options.request_poll:
-            operations.request_wait.spin_ns = 0
         fuse_options = mount.fuse_options(readonly=options.readonly, fsname=options.fsname)
         mount.run(operations, mountpoint, fuse_options | options.kernel_flags,
                   on_mounted or (lambda: None))

@@ -159,9 +159,10 @@ class Operations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, union: Union, uids: IdMap = IDENTITY, gids: IdMap = IDENTITY, *,
-                 writeback_cache: bool = False) -> None:
+                 writeback_cache: bool = False, request_poll: bool = True) -> None:
         """*uids* and *gids* map owners between the layers and the view (`cowfs.idmap`);
-        *writeback_cache* asks the kernel for it (pyfuse3 reads the attribute at INIT)."""
+        *writeback_cache* asks the kernel for it (pyfuse3 reads the attribute at INIT);
+        *request_poll* lets the request loop poll for the next request (`cowfs.request_wait`)."""
         super().__init__()
         self.enable_writeback_cache = writeback_cache
         self.union = union
@@ -181,7 +182,8 @@ class Operations(pyfuse3.Operations):
         self.privileges_killed = 0
         self.shrinks = 0              # times the tables were built again (`_shrink`)
         # How the request loop waits for the kernel (installed into pyfuse3 by `serve`).
-        self.request_wait = request_wait.RequestWait(request_wait.spin_by_default())
+        self.request_wait = request_wait.RequestWait(
+            request_wait.spin_by_default() if request_poll else 0)
         self.initialized = trio.Event()   # the kernel's INIT answered (`init`)
         # What `cowfs list` shows beside the live layers: set by whoever mounts.
         self.mountpoint = ""
